@@ -1,0 +1,1 @@
+"""tinymed.analysis stage."""

@@ -1,0 +1,1 @@
+"""tinymed.evaluate stage."""
