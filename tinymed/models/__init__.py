@@ -1,1 +1,28 @@
-"""tinymed.models stage."""
+"""Models stage: LLaVA checkpoints (load, compose, the tiny preset), the prompt template, generation."""
+
+from tinymed.models.compose import ComposeConfig, compose_llava
+from tinymed.models.features import IGNORE_INDEX, encode_for_training
+from tinymed.models.generate import GeneratedAnswer, generate_answers, generate_batch, prepare_inputs
+from tinymed.models.loading import LoadedModel, default_dtype, load_model, load_processor, resolve_device
+from tinymed.models.template import TINYMED_CHAT_TEMPLATE, build_prompt
+from tinymed.models.tiny import TinyConfig, build_tiny_model
+
+__all__ = [
+    "ComposeConfig",
+    "GeneratedAnswer",
+    "IGNORE_INDEX",
+    "LoadedModel",
+    "TINYMED_CHAT_TEMPLATE",
+    "TinyConfig",
+    "build_prompt",
+    "build_tiny_model",
+    "compose_llava",
+    "default_dtype",
+    "encode_for_training",
+    "generate_answers",
+    "generate_batch",
+    "load_model",
+    "load_processor",
+    "prepare_inputs",
+    "resolve_device",
+]
