@@ -1,0 +1,208 @@
+"""Batched evaluation: a model (local, quantized, or behind an OpenAI-compatible endpoint) answers a
+dataset's questions → `predictions.jsonl` + `metrics.json` (+ `eval_config.json`).
+
+Greedy decoding, left padding, KV cache, `batch_size` questions per forward pass. Predictions are
+appended to `predictions.partial.jsonl` as they are made, so an interrupted run resumes where it
+stopped; the final files are written atomically. A sample whose image cannot be read, or whose
+generation fails, is recorded with its `error` and the run goes on.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from tinymed.data import DataError, MedVQASample
+from tinymed.data.registry import load_dataset
+from tinymed.evaluate.metrics import score_predictions
+from tinymed.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
+
+PREDICTIONS = "predictions.jsonl"
+PARTIAL = "predictions.partial.jsonl"
+PARTIAL_KEY = "predictions.partial.key"
+
+
+class EvalConfig(BaseModel):
+    model: str | None = Field(None, description="checkpoint folder or Hub id (local evaluation)")
+    quant: str | None = Field(None, description="quantization method applied on load (None = as saved)")
+    endpoint: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    model_name: str | None = Field(None, description="model name to request from the endpoint")
+    api_key: str | None = None
+    dataset: str = "synthetic"
+    path: str | None = None
+    split: str = "test"
+    language: str = "en"
+    out_dir: Path
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    limit: int | None = Field(None, ge=1)
+    device: str = "auto"
+    skip_invalid: bool = False
+    resume: bool = True
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    metrics: dict
+    n: int
+    errors: int
+    skipped_rows: int
+    seconds: float
+
+
+def prediction_record(sample: MedVQASample, prediction: str, error: str | None) -> dict:
+    """One predictions.jsonl line: the sample, its metadata, and what the model said (or why it failed)."""
+    return {
+        "id": sample.id,
+        "dataset": sample.dataset,
+        "split": sample.split,
+        "image": sample.image,
+        "question": sample.question,
+        "answer": sample.answer,
+        "answer_type": sample.answer_type.value,
+        "prediction": prediction,
+        "error": error,
+        **sample.metadata(),
+    }
+
+
+# An answerer takes a batch of (sample, image) and returns one answer string per sample.
+Answerer = Callable[[Sequence[MedVQASample], Sequence], list[str]]
+
+
+def local_answerer(config: EvalConfig) -> tuple[Answerer, dict]:
+    """Answer with a local (possibly quantized) model; returns the answerer and a description."""
+    from tinymed.models import generate_batch
+    from tinymed.quantize import load_for_inference
+
+    lm = load_for_inference(config.model, device=config.device, quant=config.quant)
+
+    def answer(samples, images):
+        out = generate_batch(lm, images, [s.question for s in samples], config.max_new_tokens)
+        return [a.text for a in out]
+
+    return answer, {"model": config.model, "quant": lm.quant, "device": lm.device}
+
+
+def image_data_url(image) -> str:
+    """PNG data URL of a PIL image (what the OpenAI image_url content part carries)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def endpoint_answerer(config: EvalConfig) -> tuple[Answerer, dict]:
+    """Answer through an OpenAI-compatible chat-completions endpoint (tinymed serve, vLLM, Ollama...)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=config.endpoint, api_key=config.api_key or "not-needed", max_retries=3)
+    model_name = config.model_name or client.models.list().data[0].id
+
+    def ask(sample: MedVQASample, image) -> str:
+        reply = client.chat.completions.create(
+            model=model_name,
+            temperature=0,
+            max_tokens=config.max_new_tokens,
+            messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_data_url(image)}},
+                {"type": "text", "text": sample.question},
+            ]}],
+        )
+        return (reply.choices[0].message.content or "").strip()
+
+    pool = ThreadPoolExecutor(max_workers=config.batch_size)
+
+    def answer(samples, images):
+        return list(pool.map(ask, samples, images))
+
+    return answer, {"model": model_name, "endpoint": config.endpoint, "quant": config.quant or "as served"}
+
+
+def _answer_batch(answer: Answerer, batch: Sequence[MedVQASample]) -> list[dict]:
+    """Answer one batch; a sample whose image fails, or a batch whose generation fails, gets `error`."""
+    records: dict[str, dict] = {}
+    ready, images = [], []
+    for sample in batch:
+        try:
+            images.append(sample.load_image())
+            ready.append(sample)
+        except DataError as exc:
+            records[sample.id] = prediction_record(sample, "", str(exc))
+    if ready:
+        try:
+            for sample, text in zip(ready, answer(ready, images), strict=True):
+                records[sample.id] = prediction_record(sample, text, None)
+        except Exception as exc:  # one bad batch must not kill a long run
+            for sample in ready:
+                records[sample.id] = prediction_record(sample, "", f"generation failed: {type(exc).__name__}: {exc}")
+    return [records[s.id] for s in batch]
+
+
+def _run_key(config: EvalConfig) -> str:
+    """What makes two runs' predictions interchangeable (resume only continues the same run)."""
+    fields = ("model", "quant", "endpoint", "model_name", "dataset", "path", "split", "language", "max_new_tokens")
+    return hashlib.sha256(json.dumps([getattr(config, f) for f in fields]).encode()).hexdigest()
+
+
+def _resumable_predictions(config: EvalConfig, out: Path) -> dict[str, dict]:
+    """Predictions an interrupted run of the same configuration left behind, by sample id."""
+    partial, key_file = out / PARTIAL, out / PARTIAL_KEY
+    if not (partial.exists() and key_file.exists()):
+        return {}
+    if json.loads(key_file.read_text()).get("key") != _run_key(config):
+        return {}
+    return {r["id"]: r for r in read_jsonl(partial)}
+
+
+def evaluate(config: EvalConfig, on_progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Run the evaluation described by `config`; `on_progress(done, total)` is called after each batch."""
+    if (config.model is None) == (config.endpoint is None):
+        raise ValueError("give exactly one of a model (--model) or an endpoint (--endpoint)")
+    start = time.perf_counter()
+    loaded = load_dataset(
+        config.dataset, config.path, split=config.split, language=config.language,
+        skip_invalid=config.skip_invalid, limit=config.limit,
+    )
+    samples = loaded.samples
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / PARTIAL
+    done = _resumable_predictions(config, out) if config.resume else {}
+    if not done:
+        partial.unlink(missing_ok=True)
+        write_json_atomic(out / PARTIAL_KEY, {"key": _run_key(config)})
+    todo = [s for s in samples if s.id not in done]
+    answer, described = (endpoint_answerer if config.endpoint else local_answerer)(config)
+    if on_progress:
+        on_progress(len(samples) - len(todo), len(samples))
+    for i in range(0, len(todo), config.batch_size):
+        for record in _answer_batch(answer, todo[i : i + config.batch_size]):
+            append_jsonl(partial, record)
+            done[record["id"]] = record
+        if on_progress:
+            on_progress(len(samples) - len(todo) + min(i + config.batch_size, len(todo)), len(samples))
+    records = [done[s.id] for s in samples]
+    metrics = score_predictions(records)
+    seconds = time.perf_counter() - start
+    write_jsonl_atomic(out / PREDICTIONS, records)
+    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / "eval_config.json", {
+        **described,
+        "dataset": config.dataset, "path": config.path or loaded.source, "split": config.split,
+        "limit": config.limit, "batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens,
+        "skipped_rows": [vars(r) for r in loaded.skipped], "seconds": round(seconds, 2),
+    })
+    partial.unlink(missing_ok=True)
+    (out / PARTIAL_KEY).unlink(missing_ok=True)
+    errors = sum(1 for r in records if r["error"])
+    return EvalResult(out, metrics, len(records), errors, len(loaded.skipped), seconds)
