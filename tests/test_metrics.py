@@ -211,12 +211,19 @@ def slake_en_rows() -> list[dict]:
     return [row for row in rows if row["q_lang"] == "en"]
 
 
-# Produced on 2025-... by running the `evaluate()` of microsoft/LLaVA-Med llava/eval/run_eval_batch.py
+# Produced on 2026-11-28 by running the `evaluate()` of microsoft/LLaVA-Med llava/eval/run_eval_batch.py
 # (with llava/eval/eval_metrics/{evaluate_metrics,utils,glossary}.py, commit ad758b6, read with the
-# code-search tool into /tmp; tabulate shimmed to return its rows; nltk 3.9) on
+# code-search tool into /tmp; tabulate shimmed to return its rows; nltk 3.10.4) on
 # `equivalence_records(...)`, passing an empty prediction for records with an error.
 # Keys: recall -> open_recall, yes/no accuracy -> closed_accuracy, open accuracy -> open_substring_hit.
-EXPECTED = {}
+EXPECTED = {
+    "vqa-rad": {"open_recall": 66.4964, "open_precision": 51.4459, "open_f1": 53.7258,
+                "open_exact_match": 45.4868, "open_bleu1": 43.9524, "open_bleu2": 27.5593,
+                "open_bleu3": 13.4125, "open_substring_hit": 62.5698, "closed_accuracy": 76.4706},
+    "slake": {"open_recall": 65.3824, "open_precision": 46.6556, "open_f1": 49.9332,
+              "open_exact_match": 41.6501, "open_bleu1": 37.4271, "open_bleu2": 12.2895,
+              "open_bleu3": 5.8495, "open_substring_hit": 63.876, "closed_accuracy": 76.6827},
+}  # fmt: skip
 
 
 @pytest.mark.real_data
@@ -270,8 +277,9 @@ def test_cli_json_and_out(cli_app, tmp_path):
 def test_cli_table_and_bad_file(cli_app, tmp_path):
     path = tmp_path / "predictions.jsonl"
     _write_jsonl(path, [_record("yes", "yes", "CLOSED", question_type="PRES")])
-    table = CliRunner().invoke(cli_app, ["score", str(path)])
-    assert table.exit_code == 0 and "question_type=PRES" in table.stdout and "100.00" in table.stdout
+    table = CliRunner().invoke(cli_app, ["score", str(path)], env={"COLUMNS": "160"})
+    assert table.exit_code == 0, table.output
+    assert re.search(r"PRES\s+│\s+1\s+│\s+—\s+│\s+100\.00", table.stdout)
     path.write_text('{"id": 1}\n', encoding="utf-8")
     failed = CliRunner().invoke(cli_app, ["score", str(path)])
     assert failed.exit_code == 1 and "line 1: missing required key(s) answer" in failed.stderr

@@ -10,13 +10,15 @@ from rich.console import Console
 from rich.table import Table
 
 _COLUMNS = (  # (header, section, key)
-    ("open recall\n(LLaVA-Med)", "llava_med", "open_recall"),
-    ("closed acc\n(LLaVA-Med)", "llava_med", "closed_accuracy"),
-    ("open EM\n(strict)", "strict", "open_exact_match"),
-    ("open F1\n(strict)", "strict", "open_token_f1"),
-    ("closed EM\n(strict)", "strict", "closed_exact_match"),
-    ("closed yes/no\n(strict)", "strict", "closed_yes_no_accuracy"),
+    ("LM open", "llava_med", "open_recall"),
+    ("LM closed", "llava_med", "closed_accuracy"),
+    ("EM open", "strict", "open_exact_match"),
+    ("F1 open", "strict", "open_token_f1"),
+    ("EM closed", "strict", "closed_exact_match"),
+    ("yes/no", "strict", "closed_yes_no_accuracy"),
 )
+_CAPTION = ("LM = LLaVA-Med v1 scorer (open: mean recall; closed: reference is a substring). "
+            "Strict: EM exact match, F1 token F1, yes/no first yes/no word. Percent; — = no items.")  # fmt: skip
 _BREAKDOWN_FIELDS = ("answer_type", "question_type")
 
 
@@ -25,20 +27,22 @@ def _cell(value: float | None) -> str:
 
 
 def _row(label: str, summary: dict) -> list[str]:
-    counts = f"{summary['n']} ({summary['n_open']}/{summary['n_closed']})"
-    return [label, counts, *(_cell(summary[section][key]) for _, section, key in _COLUMNS)]
+    cells = (_cell(summary[section][key]) for _, section, key in _COLUMNS)
+    return [label, str(summary["n"]), *cells]
 
 
-def _table(result: dict, title: str) -> Table:
-    table = Table(title=title)
-    table.add_column("group")
-    table.add_column("n (open/closed)", justify="right")
+def metrics_table(result: dict, title: str) -> Table:
+    table = Table(title=title, caption=_CAPTION)
+    table.add_column("group", no_wrap=True)
+    table.add_column("n", justify="right")
     for header, _, _ in _COLUMNS:
         table.add_column(header, justify="right")
-    table.add_row(*_row("all", result))
+    table.add_row(*_row("all", result), end_section=True)
     for name in _BREAKDOWN_FIELDS:
+        table.add_row(f"[bold]{name}[/bold]")
         for value, summary in result["by"].get(name, {}).items():
-            table.add_row(*_row(f"{name}={value}", summary))
+            table.add_row(*_row(f"  {value}", summary))
+        table.add_section()
     return table
 
 
@@ -52,7 +56,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("score")
     def score(
-        predictions: Path = typer.Argument(..., exists=True, dir_okay=False, help="predictions.jsonl to score."),
+        predictions: Path = typer.Argument(
+            ..., exists=True, dir_okay=False, help="predictions.jsonl to score."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
         out: Path | None = typer.Option(None, "--out", help="Also write the metrics JSON here (atomically)."),
     ) -> None:
@@ -73,5 +79,5 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(result, ensure_ascii=False))
             return
         console = Console()
-        console.print(_table(result, f"{predictions} — {result['errors']} errors (scored as empty)"))
+        console.print(metrics_table(result, f"{predictions} — {result['errors']} errors (scored as empty)"))
         console.print(_extra_line(result["llava_med"]), highlight=False)

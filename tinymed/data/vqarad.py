@@ -1,0 +1,90 @@
+"""VQA-RAD (Lau et al., Scientific Data 2018): radiology VQA, 315 MedPix images.
+
+Two local layouts, both with the images in `images/`:
+- split files `trainset.json` / `testset.json` (the split used by MEVF, LLaVA-Med, Med-MoE;
+  train 3064, test 451 QA);
+- the original release `VQA_RAD Dataset Public.json` (2248 QA): the official test set is the rows
+  whose `phrase_type` starts with ``test_`` (451 QA), train is the rest.
+`layout="auto"` prefers the split files when present. `path=None` (or the Hub id) loads the Hub copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from tinymed.data import hub
+from tinymed.data.rows import (
+    LoadOptions,
+    LoadResult,
+    collect,
+    optional_text,
+    parse_answer_type,
+    read_json_list,
+    text_field,
+)
+from tinymed.data.sample import DataError, MedVQASample
+
+HUB_ID = "flaviagiammarino/vqa-rad"
+ORIGINAL_FILE = "VQA_RAD Dataset Public.json"
+SPLIT_FILES = {"train": "trainset.json", "test": "testset.json"}
+LAYOUT_HELP = f"DIR holding trainset.json + testset.json (or {ORIGINAL_FILE!r}) and images/"
+
+Layout = Literal["auto", "split-files", "original"]
+
+
+def load_vqarad(
+    path: str | Path | None, split: str, options: LoadOptions, *, layout: Layout = "auto"
+) -> LoadResult:
+    """Load one VQA-RAD split ("train" or "test") from a local folder or the Hub."""
+    if hub.is_hub_reference(path, HUB_ID):
+        return hub.load_hub_table(HUB_ID, "vqa-rad", split, options, LAYOUT_HELP)
+    split = split.strip().lower()
+    if split not in SPLIT_FILES:
+        raise DataError(f"VQA-RAD has no split {split!r}; choose train or test")
+    folder = Path(path).resolve()
+    images = (options.image_folder or folder / "images").resolve()
+    file, rows = _split_rows(folder, split, layout)
+
+    def convert(record) -> MedVQASample:
+        return _to_sample(record, split, images)
+
+    samples, skipped = collect(file, rows, convert, options)
+    return LoadResult(samples, skipped, source=str(file))
+
+
+def _split_rows(folder: Path, split: str, layout: Layout) -> tuple[Path, list[tuple[int, object]]]:
+    """The file to read and its (index, record) rows belonging to `split`."""
+    split_file = folder / SPLIT_FILES[split]
+    use_split_files = layout == "split-files" or (layout == "auto" and split_file.exists())
+    if use_split_files:
+        return split_file, read_json_list(split_file)
+    original = folder / ORIGINAL_FILE
+    if layout == "auto" and not original.exists():
+        raise DataError(f"no VQA-RAD files found; expected {LAYOUT_HELP}", file=folder)
+    rows = [(i, r) for i, r in read_json_list(original) if _is_test_row(r) == (split == "test")]
+    return original, rows
+
+
+def _is_test_row(record) -> bool:
+    """Official test rows of the original release: phrase_type test_freeform / test_para."""
+    phrase_type = record.get("phrase_type", "") if isinstance(record, dict) else ""
+    return str(phrase_type).strip().startswith("test_")
+
+
+def _to_sample(record, split: str, images: Path) -> MedVQASample:
+    answer = text_field(record, "answer")
+    question_type = optional_text(record, "question_type")
+    return MedVQASample(
+        id=text_field(record, "qid"),
+        image=str(images / text_field(record, "image_name")),
+        question=text_field(record, "question"),
+        answer=answer,
+        answer_type=parse_answer_type(text_field(record, "answer_type"), answer),
+        dataset="vqa-rad",
+        split=split,
+        question_type=question_type.upper() if question_type else None,
+        organ=optional_text(record, "image_organ"),
+        language="en",
+        extra={k: record[k] for k in ("phrase_type",) if record.get(k) is not None},
+    )

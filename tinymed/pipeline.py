@@ -1,0 +1,132 @@
+"""The whole paper as one composition of stages (what `tinymed demo` runs).
+
+data (synthetic by default, or real datasets) → fine-tune (stage 1 alignment + stage 2 instruction
+tuning) → quantized variants (FQ8, FQ4 with the fastest CPU backends measured here, or bitsandbytes
+on CUDA) → evaluation of every variant (LLaVA-Med + strict metrics) and a question-only baseline →
+memory/speed profile of every variant → Pareto report. Every stage's outputs stay under `out_dir`:
+
+    out_dir/data/                      synthetic dataset (conversation format), when used
+    out_dir/finetune/final/            the fine-tuned model (standard HF LLaVA folder)
+    out_dir/variants/<name>/           variant.json, model/ (quantized), eval/<dataset>/, profile.json
+    out_dir/baseline/<dataset>/        question-only baseline predictions.jsonl + metrics.json
+    out_dir/report/                    report.md, report.html, pareto.{png,svg,json}
+    out_dir/summary.json
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from tinymed.analysis import ReportConfig, build_report
+from tinymed.data.registry import load_dataset
+from tinymed.data.synthetic import SynthConfig, generate_synthetic
+from tinymed.evaluate.baseline import QuestionOnlyBaseline
+from tinymed.evaluate.memory import ProfileConfig, profile_model
+from tinymed.evaluate.metrics import score_predictions
+from tinymed.evaluate.runner import EvalConfig, evaluate, prediction_record
+from tinymed.io import write_json_atomic, write_jsonl_atomic
+from tinymed.quantize import QuantConfig, default_demo_methods, quantize_model
+from tinymed.train import DatasetSpec, FinetuneConfig, demo_stages, finetune
+
+# progress(description) → a context manager yielding update(done, total)
+ProgressFactory = Callable[[str], AbstractContextManager[Callable[[int, int], None]]]
+
+
+def _no_progress(_description: str):
+    return nullcontext(lambda done, total: None)
+
+
+class DemoConfig(BaseModel):
+    out_dir: Path = Path("tinymed-demo")
+    datasets: list[DatasetSpec] = Field(default_factory=list, description="real datasets; empty = synthetic")
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    quant_methods: list[str] | None = Field(None, description="None = the measured-best 8-bit and 4-bit backends")
+    eval_batch_size: int = 16
+    max_new_tokens: int = 16
+    eval_limit: int | None = None
+    device: str = "auto"
+    profile: bool = True
+
+
+def _datasets(config: DemoConfig) -> list[DatasetSpec]:
+    """The datasets to train and test on: the given ones, or a freshly written synthetic set."""
+    if config.datasets:
+        return config.datasets
+    generate_synthetic(config.out_dir / "data", config.synth)
+    return [DatasetSpec(name="synthetic", path=str(config.out_dir / "data"))]
+
+
+def _baseline(spec: DatasetSpec, out: Path) -> dict:
+    """Score the question-only baseline on `spec`'s test split; returns its predictions."""
+    train = load_dataset(spec.name, spec.path, split="train").samples
+    test = load_dataset(spec.name, spec.path, split="test").samples
+    baseline = QuestionOnlyBaseline(train)
+    records = [prediction_record(s, baseline.predict(s), None) for s in test]
+    write_jsonl_atomic(out / "predictions.jsonl", records)
+    write_json_atomic(out / "metrics.json", score_predictions(records))
+    return records
+
+
+def _variant(name: str, quant: str, model_dir: Path, out: Path) -> None:
+    write_json_atomic(out / "variant.json", {"name": name, "quant": quant, "model_dir": str(model_dir)})
+
+
+def run_demo(config: DemoConfig, progress: ProgressFactory = _no_progress, say=print) -> dict:
+    """Run the pipeline; returns (and writes to out_dir/summary.json) the headline numbers."""
+    start = time.perf_counter()
+    out = config.out_dir
+    say("1/6 data")
+    specs = _datasets(config)
+    say("2/6 fine-tune (stage 1 alignment → stage 2 instruction tuning)")
+    trained = finetune(FinetuneConfig(
+        datasets=[DatasetSpec(name=s.name, path=s.path, split="train") for s in specs],
+        stages=demo_stages(), out_dir=out / "finetune",
+    ))
+    variants = {"fp32": ("none", trained.model_dir)}
+    say("3/6 quantize")
+    for method in config.quant_methods or default_demo_methods():
+        result = quantize_model(trained.model_dir, QuantConfig(method=method), out / "variants" / method / "model")
+        variants[method] = (method, result.out_dir)
+    say("4/6 evaluate every variant + the question-only baseline")
+    pooled: dict[str, list[dict]] = {"model": [], "baseline": []}
+    for name, (quant, model_dir) in variants.items():
+        vdir = out / "variants" / name
+        _variant(name, quant, model_dir, vdir)
+        for spec in specs:
+            with progress(f"evaluate {name} on {spec.name}") as update:
+                result = evaluate(EvalConfig(
+                    model=str(model_dir), dataset=spec.name, path=spec.path, split="test",
+                    out_dir=vdir / "eval" / spec.name, batch_size=config.eval_batch_size,
+                    max_new_tokens=config.max_new_tokens, limit=config.eval_limit, device=config.device,
+                ), on_progress=update)
+            if name == "fp32":
+                from tinymed.io import read_jsonl
+
+                pooled["model"] += read_jsonl(result.out_dir / "predictions.jsonl")
+    for spec in specs:
+        pooled["baseline"] += _baseline(spec, out / "baseline" / spec.name)
+    if config.profile:
+        say("5/6 profile memory and speed")
+        for name, (quant, model_dir) in variants.items():
+            with progress(f"profile {name}"):
+                profile_model(ProfileConfig(model=str(model_dir), device=config.device, out_dir=out / "variants" / name))
+    say("6/6 report")
+    report = build_report(ReportConfig(run_dirs=[out / "variants"], out_dir=out / "report"))
+    model_metrics, baseline_metrics = score_predictions(pooled["model"]), score_predictions(pooled["baseline"])
+    summary = {
+        "model": model_metrics,
+        "baseline": baseline_metrics,
+        "model_dir": str(trained.model_dir),
+        "variants": {name: str(d) for name, (_, d) in variants.items()},
+        "pareto_front": report.front,
+        "report": str(report.out_dir / "report.md"),
+        "datasets": [s.model_dump() for s in specs],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    return summary
