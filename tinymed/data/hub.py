@@ -31,14 +31,16 @@ def is_hub_reference(path: str | Path | None, hub_id: str) -> bool:
     return path is None or (str(path) == hub_id and not Path(path).exists())
 
 
-def offline_error(hub_id: str, layout_help: str, exc: Exception) -> DataError:
+def offline_error(name: str, hub_id: str, layout_help: str, exc: Exception) -> DataError:
+    """How to load dataset `name` from a local copy instead of the unreachable Hub."""
     return DataError(
         f"cannot load {hub_id} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
-        f"Offline? Pass a local copy instead: --path DIR (Python: path='DIR'), where {layout_help}"
+        f"Offline? Use a local copy: `tinymed data stats --dataset {name} --path DIR` "
+        f"(Python: load_dataset({name!r}, 'DIR')), where {layout_help}"
     )
 
 
-def hub_table(hub_id: str, split: str, layout_help: str):
+def hub_table(name: str, hub_id: str, split: str, layout_help: str):
     """One split of a Hub table as a `datasets.Dataset` whose image column holds undecoded dicts."""
     import datasets
 
@@ -46,7 +48,7 @@ def hub_table(hub_id: str, split: str, layout_help: str):
     try:
         table = datasets.load_dataset(hub_id, split=hub_split)
     except OSError as exc:  # ConnectionError, offline mode, not cached, HTTP errors
-        raise offline_error(hub_id, layout_help, exc) from exc
+        raise offline_error(name, hub_id, layout_help, exc) from exc
     except ValueError as exc:  # unknown split
         raise DataError(f"{hub_id} has no split {split!r}: {exc}") from exc
     if isinstance(table.features.get("image"), datasets.Image):
@@ -54,14 +56,14 @@ def hub_table(hub_id: str, split: str, layout_help: str):
     return table
 
 
-def download_slake(hub_id: str, layout_help: str) -> tuple[Path, Path]:
+def download_slake(name: str, hub_id: str, layout_help: str) -> tuple[Path, Path]:
     """(folder with the split JSON files, image folder) of the Hub copy of SLAKE."""
     from huggingface_hub import snapshot_download
 
     try:
         folder = Path(snapshot_download(hub_id, repo_type="dataset", allow_patterns=["*.json", "imgs.zip"]))
     except OSError as exc:
-        raise offline_error(hub_id, layout_help, exc) from exc
+        raise offline_error(name, hub_id, layout_help, exc) from exc
     target = cache_root() / "hub" / hub_id.replace("/", "--")
     if not target.exists():
         _extract_atomic(folder / "imgs.zip", target)

@@ -83,9 +83,9 @@ def text_field(record: Any, key: str) -> str:
     return str(value).strip()
 
 
-def optional_text(record: dict, key: str) -> str | None:
+def optional_text(record: Any, key: str) -> str | None:
     """An optional string field; None when absent or empty."""
-    if record.get(key) in (None, ""):
+    if isinstance(record, dict) and record.get(key) in (None, ""):
         return None
     return text_field(record, key)
 
@@ -159,10 +159,11 @@ def _verify(source, name: str) -> str | None:
 def collect(
     file: str | Path,
     rows: Iterable[tuple[int | str, Any]],
-    convert: Callable[[Any], MedVQASample | None],
+    convert: Callable[[Any], MedVQASample | list[MedVQASample] | None],
     options: LoadOptions,
 ) -> tuple[list[MedVQASample], list[SkippedRow]]:
-    """Convert rows to samples; `convert` returns None for rows filtered out (e.g. other language).
+    """Convert rows to samples. `convert` returns one sample, several (a multi-turn conversation),
+    or None for a row filtered out (e.g. another language).
 
     A row that fails (or whose image fails, with check_images) raises DataError naming file and
     row, or with skip_invalid is recorded in the skipped list. Stops after options.limit samples.
@@ -174,8 +175,9 @@ def collect(
         if options.limit is not None and len(samples) >= options.limit:
             break
         try:
-            sample = convert(raw)
-            problem = checker.problem(sample) if checker and sample else None
+            produced = convert(raw)
+            batch = [] if produced is None else produced if isinstance(produced, list) else [produced]
+            problem = next(filter(None, map(checker.problem, batch)), None) if checker else None
             if problem:
                 raise DataError(problem)
         except (DataError, KeyError, TypeError, ValueError) as exc:
@@ -184,8 +186,9 @@ def collect(
                 raise DataError(reason, file=file, row=row) from exc
             skipped.append(SkippedRow(file=str(file), row=row, reason=reason))
             continue
-        if sample is not None:
-            samples.append(sample)
+        samples.extend(batch)
+    if options.limit is not None:
+        del samples[options.limit :]
     return samples, skipped
 
 

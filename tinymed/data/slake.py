@@ -24,14 +24,14 @@ from tinymed.data.rows import (
 from tinymed.data.sample import DataError, MedVQASample
 
 HUB_ID = "BoKelvin/SLAKE"
-LAYOUT_HELP = "DIR holding train.json, validate.json, test.json and imgs/xmlabN/source.jpg"
+LAYOUT_HELP = "DIR holds train.json, validate.json, test.json and imgs/xmlabN/source.jpg"
 
 
 def load_slake(path: str | Path | None, split: str, options: LoadOptions) -> LoadResult:
     """Load one SLAKE split (train, validate/val/validation, test) in options.language."""
     check_language(options)
     if hub.is_hub_reference(path, HUB_ID):
-        folder, images = hub.download_slake(HUB_ID, LAYOUT_HELP)
+        folder, images = hub.download_slake("slake", HUB_ID, LAYOUT_HELP)
         options = options.model_copy(update={"image_folder": options.image_folder or images})
         path = folder
     folder = Path(path).resolve()

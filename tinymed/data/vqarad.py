@@ -5,7 +5,9 @@ Two local layouts, both with the images in `images/`:
   train 3064, test 451 QA);
 - the original release `VQA_RAD Dataset Public.json` (2248 QA): the official test set is the rows
   whose `phrase_type` starts with ``test_`` (451 QA), train is the rest.
-`layout="auto"` prefers the split files when present. `path=None` (or the Hub id) loads the Hub copy.
+`layout="auto"` prefers the split files when present. `path=None` (or the Hub id) loads the Hub copy
+(image, question, answer only: its answer_type is inferred, CLOSED for yes/no answers, which
+counts 251 of the 272 officially closed test questions).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from tinymed.data import hub
+from tinymed.data.pathvqa import table_result
 from tinymed.data.rows import (
     LoadOptions,
     LoadResult,
@@ -28,7 +31,7 @@ from tinymed.data.sample import DataError, MedVQASample
 HUB_ID = "flaviagiammarino/vqa-rad"
 ORIGINAL_FILE = "VQA_RAD Dataset Public.json"
 SPLIT_FILES = {"train": "trainset.json", "test": "testset.json"}
-LAYOUT_HELP = f"DIR holding trainset.json + testset.json (or {ORIGINAL_FILE!r}) and images/"
+LAYOUT_HELP = f"DIR holds trainset.json + testset.json (or {ORIGINAL_FILE!r}) and images/"
 
 Layout = Literal["auto", "split-files", "original"]
 
@@ -38,7 +41,7 @@ def load_vqarad(
 ) -> LoadResult:
     """Load one VQA-RAD split ("train" or "test") from a local folder or the Hub."""
     if hub.is_hub_reference(path, HUB_ID):
-        return hub.load_hub_table(HUB_ID, "vqa-rad", split, options, LAYOUT_HELP)
+        return table_result(hub.hub_table("vqa-rad", HUB_ID, split, LAYOUT_HELP), HUB_ID, "vqa-rad", split, options)
     split = split.strip().lower()
     if split not in SPLIT_FILES:
         raise DataError(f"VQA-RAD has no split {split!r}; choose train or test")

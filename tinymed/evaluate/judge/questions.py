@@ -2,7 +2,8 @@
 
 Groups follow LLaVA-Med's ``llava/eval/summarize_gpt_review.py``: the question `type`
 (conversation, detailed_description) and the domain = the first true flag in the order
-chest_xray, mri, histology, gross, ct_scan. Dataset samples are grouped by their modality.
+chest_xray, mri, histology, gross, ct_scan. Dataset samples are grouped by their modality (by
+their organ when they have none, as VQA-RAD).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def _groups(meta: dict) -> list[str]:
     domain = domain_of(meta["domain"]) if isinstance(meta.get("domain"), dict) else None
     if domain:
         groups.append(domain)
-    elif meta.get("modality"):
-        groups.append(str(meta["modality"]))
+    elif meta.get("modality") or meta.get("organ"):
+        groups.append(str(meta.get("modality") or meta["organ"]))
     return groups
 
 

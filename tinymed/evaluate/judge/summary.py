@@ -48,6 +48,7 @@ class JudgeSummary(BaseModel):
 
     groups: dict[str, GroupScore]
     failures: int
+    reference_sources: dict[str, int] = Field(default_factory=dict, description="items per reference source")
     requests: int = 0
     retries: int = 0
     cached: int = 0
