@@ -40,7 +40,9 @@ def _figure(points: list[PlotPoint], title: str, x_label: str, y_label: str) -> 
         ax.scatter(xs, ys, facecolors="none", edgecolors="tab:red", s=120, zorder=4)
         ax.legend(loc="lower right", fontsize=8)
     missing = len(points) - len(drawn)
-    ax.set_title(title + (f" ({missing} variant(s) not plotted: missing figures)" if missing else ""), fontsize=10)
+    note = f"\n({missing} variant(s) not plotted: memory or accuracy missing)" if missing else ""
+    ax.set_title(title + note, fontsize=10)
+    ax.margins(x=0.15, y=0.1)
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.grid(True, alpha=0.3)

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tinymed.cli.data_synth import synth
 from tinymed.data import DATASETS, DataError, DatasetStats, dataset_stats, load_dataset, write_conversation
 
 data_app = typer.Typer(help="Inspect, export and generate medical VQA datasets.", no_args_is_help=True)
@@ -92,6 +93,9 @@ def export(
     except DataError as exc:
         _fail(exc)
     _console.print(f"wrote {len(result.samples)} samples to {written} ({len(result.skipped)} rows skipped)")
+
+
+data_app.command("synth")(synth)
 
 
 def register(app: typer.Typer) -> None:

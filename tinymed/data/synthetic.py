@@ -164,7 +164,8 @@ def _place_one(rng, side, size, zone, placed) -> Lesion | None:
 # ----------------------------------------------------------------------------------------------
 # Rendering
 
-Shape = tuple  # ("ellipse", cx, cy, rx, ry) | ("ring", cx, cy, rx, ry, thickness) | ("bar", cx, cy, half_w, half_h)
+Shape = tuple  # ("ellipse", cx, cy, rx, ry) | ("ring"|"arc", cx, cy, rx, ry, thickness) | ("bar", cx, cy, half_w, half_h)
+# an "arc" is the upper half of a ring
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def _pair(cx, cy, rx, ry, tissue):
 
 
 def _ribs():
-    return tuple((("ring", 0.0, -0.75 + 0.22 * k, 0.72, 0.30, 0.035), "bone", 0.45) for k in range(6))
+    return tuple((("arc", 0.0, -0.62 + 0.24 * k, 0.74, 0.28, 0.04), "bone", 0.5) for k in range(6))
 
 
 ANATOMY: dict[tuple[str, str], Anatomy] = {
@@ -258,33 +259,48 @@ HISTOLOGY_PALETTES = {  # RGB 0-1: stroma, lumen, normal nuclei, nest fill, tumo
 
 
 class _Canvas:
-    """Pixel-centre coordinates in half-image units and anti-aliased shape masks."""
+    """Pixel-centre coordinates in half-image units; paints anti-aliased shapes in place, computing
+    each shape only inside its bounding box."""
 
     def __init__(self, size: int):
         self.size = size
         self.px = size / 2.0  # pixels per unit
-        axis = (np.arange(size) + 0.5) / self.px - 1.0
-        self.y, self.x = np.meshgrid(axis, axis, indexing="ij")
+        self.axis = ((np.arange(size) + 0.5) / self.px - 1.0).astype(np.float32)
 
-    def mask(self, shape: Shape) -> np.ndarray:
-        kind, cx, cy, *rest = shape
+    def paint(self, image: np.ndarray, shape: Shape, value, opacity: float = 1.0, edge_px: float = 1.0) -> None:
+        """Blend `value` (grey level or RGB) into `image` over `shape`, its edge ramping over `edge_px`."""
+        rows, cols, coverage = self.coverage(shape, edge_px)
+        alpha = opacity * (coverage[..., None] if image.ndim == 3 else coverage)
+        image[rows, cols] = image[rows, cols] * (1.0 - alpha) + np.asarray(value, dtype=np.float32) * alpha
+
+    def coverage(self, shape: Shape, edge_px: float = 1.0) -> tuple[slice, slice, np.ndarray]:
+        """(row slice, column slice, 0-1 coverage of `shape` inside them)."""
+        kind, cx, cy, a, b, *rest = shape
+        rows, cols = self._box(cy, b), self._box(cx, a)
+        y, x = np.meshgrid(self.axis[rows], self.axis[cols], indexing="ij")
+        if kind == "bar":
+            inside = np.minimum(a - np.abs(x - cx), b - np.abs(y - cy))
+            return rows, cols, np.clip(inside * self.px / edge_px + 0.5, 0.0, 1.0)
+        outer = self._ellipse(x - cx, y - cy, a, b, edge_px)
         if kind == "ellipse":
-            return self._ellipse(cx, cy, *rest)
-        if kind == "ring":
-            rx, ry, thickness = rest
-            return self._ellipse(cx, cy, rx, ry) * (1.0 - self._ellipse(cx, cy, rx - thickness, ry - thickness))
-        half_w, half_h = rest
-        inside = np.minimum(half_w - np.abs(self.x - cx), half_h - np.abs(self.y - cy))
-        return np.clip(inside * self.px + 0.5, 0.0, 1.0)
+            return rows, cols, outer
+        thickness = rest[0]
+        ring = outer * (1.0 - self._ellipse(x - cx, y - cy, a - thickness, b - thickness, edge_px))
+        return rows, cols, ring * (y < cy) if kind == "arc" else ring
 
-    def _ellipse(self, cx, cy, rx, ry) -> np.ndarray:
-        d = np.sqrt(((self.x - cx) / rx) ** 2 + ((self.y - cy) / ry) ** 2)
-        return np.clip((1.0 - d) * min(rx, ry) * self.px + 0.5, 0.0, 1.0)
+    def _box(self, centre: float, half: float) -> slice:
+        lo = int(np.floor((centre - half + 1.0) * self.px)) - 2
+        hi = int(np.ceil((centre + half + 1.0) * self.px)) + 2
+        return slice(max(0, lo), min(self.size, max(0, hi)))
+
+    def _ellipse(self, dx, dy, rx, ry, edge_px) -> np.ndarray:
+        d = np.sqrt((dx / rx) ** 2 + (dy / ry) ** 2)
+        return np.clip((1.0 - d) * min(rx, ry) * self.px / edge_px + 0.5, 0.0, 1.0)
 
 
-def _paint(image: np.ndarray, mask: np.ndarray, value) -> np.ndarray:
-    alpha = mask[..., None] if image.ndim == 3 else mask
-    return image * (1.0 - alpha) + np.asarray(value) * alpha
+def _blend(image: np.ndarray, mask: np.ndarray, value) -> np.ndarray:
+    """Blend `value` into `image` with a full-size 0-1 mask."""
+    return image * (1.0 - mask[..., None]) + np.asarray(value, dtype=np.float32) * mask[..., None]
 
 
 def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -293,7 +309,7 @@ def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
         return image
     radius = max(1, int(3 * sigma_px))
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma_px) ** 2)
-    taps /= taps.sum()
+    taps = (taps / taps.sum()).astype(np.float32)
     for axis in (0, 1):
         pad = [(0, 0)] * image.ndim
         pad[axis] = (radius, radius)
@@ -306,7 +322,7 @@ def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int = 8) -> np.ndarray:
     """Low-frequency noise, roughly unit variance, by bicubic upsampling of a coarse grid."""
     coarse = Image.fromarray(rng.standard_normal((cells, cells)).astype(np.float32), mode="F")
-    return np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float64)
+    return np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
 
 
 def render_scene(scene: Scene, rng: np.random.Generator, size: int = 128) -> Image.Image:
@@ -327,37 +343,34 @@ def _render_radiology(scene: Scene, rng: np.random.Generator, canvas: _Canvas) -
     anatomy = ANATOMY[(scene.organ, scene.view)]
     scale = canvas.size / 128.0
     cx, cy, rx, ry = anatomy.body
-    image = np.full((canvas.size, canvas.size), style.tissue["bg"])
-    body = canvas.mask(("ellipse", cx, cy, rx, ry))
-    image = _paint(image, canvas.mask(("ellipse", cx, cy, rx + 0.04, ry + 0.04)), style.tissue["fat"])
-    image = _paint(image, body, style.tissue["soft"])
+    image = np.full((canvas.size, canvas.size), style.tissue["bg"], dtype=np.float32)
+    canvas.paint(image, ("ellipse", cx, cy, rx + 0.04, ry + 0.04), style.tissue["fat"])
+    canvas.paint(image, ("ellipse", cx, cy, rx, ry), style.tissue["soft"])
     for shape, tissue, opacity in anatomy.parts:
-        image = _paint(image, canvas.mask(shape) * opacity, style.tissue[tissue])
-    image += style.texture * _smooth_noise(rng, canvas.size) * body
+        canvas.paint(image, shape, style.tissue[tissue], opacity)
+    rows, cols, body = canvas.coverage(("ellipse", cx, cy, rx, ry))
+    image[rows, cols] += style.texture * _smooth_noise(rng, canvas.size)[rows, cols] * body
     if style.table and scene.plane == "axial":
-        image = _paint(image, canvas.mask(("bar", 0.0, cy + ry + 0.14, 0.8, 0.025)), 0.7)
+        canvas.paint(image, ("bar", 0.0, cy + ry + 0.14, 0.8, 0.025), 0.7)
     if style.bias_field:
         image *= 0.975 + 0.025 * np.tanh(_smooth_noise(rng, canvas.size, cells=3))
-    image = _blur(image, style.blur * scale) + rng.normal(0.0, style.noise, image.shape)
+    image = _blur(image, style.blur * scale) + rng.normal(0.0, style.noise, image.shape).astype(np.float32)
     for lesion in scene.lesions:
-        disk = _blur(canvas.mask(("ellipse", lesion.x, lesion.y, lesion.r, lesion.r)), 0.6 * scale)
-        image = _paint(image, disk, 1.0)
+        canvas.paint(image, ("ellipse", lesion.x, lesion.y, lesion.r, lesion.r), 1.0, edge_px=2.0 * scale)
     return image
 
 
 def _render_histology(scene: Scene, rng: np.random.Generator, canvas: _Canvas) -> np.ndarray:
     palette = HISTOLOGY_PALETTES[scene.stain_color]
     size, scale = canvas.size, canvas.size / 128.0
-    stroma = np.asarray(palette["stroma"]) * (1.0 + 0.04 * _smooth_noise(rng, size, cells=16))[..., None]
-    image = stroma
+    image = np.asarray(palette["stroma"], dtype=np.float32) * (1.0 + 0.04 * _smooth_noise(rng, size, cells=16))[..., None]
     for _ in range(int(rng.integers(2, 6))):
-        lumen = ("ellipse", *rng.uniform(-0.9, 0.9, 2), *rng.uniform(0.06, 0.18, 2))
-        image = _paint(image, canvas.mask(lumen), palette["lumen"])
+        canvas.paint(image, ("ellipse", *rng.uniform(-0.9, 0.9, 2), *rng.uniform(0.06, 0.18, 2)), palette["lumen"])
     centres = rng.uniform(0, size, (int(130 * scale**2), 2))
-    image = _paint(image, _disks(size, centres, rng.uniform(1.2, 2.2, len(centres)) * scale), palette["nucleus"])
+    image = _blend(image, _disks(size, centres, rng.uniform(1.2, 2.2, len(centres)) * scale), palette["nucleus"])
     for lesion in scene.lesions:
-        image = _paint(image, 0.8 * canvas.mask(("ellipse", lesion.x, lesion.y, lesion.r, lesion.r)), palette["nest"])
-        image = _paint(image, _nest_nuclei(rng, canvas, lesion), palette["tumour"])
+        canvas.paint(image, ("ellipse", lesion.x, lesion.y, lesion.r, lesion.r), palette["nest"], opacity=0.8)
+        image = _blend(image, _nest_nuclei(rng, canvas, lesion), palette["tumour"])
     return _blur(image, 0.5 * scale)
 
 
@@ -378,7 +391,7 @@ def _disks(size: int, centres: np.ndarray, radii: np.ndarray) -> np.ndarray:
     draw = ImageDraw.Draw(mask)
     for (x, y), r in zip(centres, radii):
         draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
-    return np.asarray(mask, dtype=np.float64) / 255.0
+    return np.asarray(mask, dtype=np.float32) / 255.0
 
 
 def _lesion_zone(scene: Scene) -> tuple[float, ...]:
@@ -610,7 +623,7 @@ def _write_split(out_dir: Path, split: str, split_index: int, target: int, confi
     records: list[dict] = []
     for number, (scene, questions, image_rng) in enumerate(_images_with_questions(config, split_index)):
         image_name = f"images/synth_{split}_{number:05d}.png"
-        render_scene(scene, image_rng, config.image_size).save(out_dir / image_name, format="PNG")
+        render_scene(scene, image_rng, config.image_size).save(out_dir / image_name, format="PNG", compress_level=1)
         for k, question in enumerate(questions[: target - len(records)]):
             records.append(_record(f"synth_{split}_{number:05d}_q{k}", image_name, split, scene, question))
         if report:

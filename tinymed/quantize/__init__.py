@@ -1,1 +1,32 @@
-"""tinymed.quantize stage."""
+"""Quantize stage: a registry of backends (bitsandbytes int8/NF4, PyTorch dynamic int8), a saved form
+that reloads, static-memory accounting, and the one loader later stages call (`load_for_inference`)."""
+
+from tinymed.quantize.recipe import RECIPE_FILE, QuantResult, load_for_inference, quantize_model, read_recipe
+from tinymed.quantize.registry import (
+    BACKENDS,
+    DEFAULT_TARGETS,
+    Backend,
+    QuantConfig,
+    available_methods,
+    default_demo_methods,
+    get_backend,
+)
+from tinymed.quantize.sizes import module_bytes, modules_bytes, tensor_bytes
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_TARGETS",
+    "RECIPE_FILE",
+    "Backend",
+    "QuantConfig",
+    "QuantResult",
+    "available_methods",
+    "default_demo_methods",
+    "get_backend",
+    "load_for_inference",
+    "module_bytes",
+    "modules_bytes",
+    "quantize_model",
+    "read_recipe",
+    "tensor_bytes",
+]

@@ -1,1 +1,6 @@
-"""tinymed.train stage."""
+"""Train stage: two-stage fine-tuning (alignment, then instruction tuning) of a LLaVA model."""
+
+from tinymed.train.config import DatasetSpec, FinetuneConfig, FinetuneResult, StageConfig, default_stages, demo_stages
+from tinymed.train.loop import finetune
+
+__all__ = ["DatasetSpec", "FinetuneConfig", "FinetuneResult", "StageConfig", "default_stages", "demo_stages", "finetune"]

@@ -1,0 +1,108 @@
+"""Quantize a checkpoint into a folder that reloads, and the one loader evaluate/profile/serve call.
+
+A quantized folder holds the processor, the weights (the backend's own `save_pretrained` format, or
+the full-precision weights when the backend has none and re-quantizes deterministically on load) and
+`tinymed_quant.json`, the recipe: method, targets, compute dtype, serialization, quantized modules and
+their sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from tinymed.io import write_json_atomic
+from tinymed.models import LoadedModel, load_model, load_processor, resolve_device
+from tinymed.quantize.registry import NO_QUANT, QuantConfig, get_backend
+from tinymed.quantize.sizes import module_bytes, modules_bytes
+
+RECIPE_FILE = "tinymed_quant.json"
+
+
+class QuantResult(BaseModel):
+    """What `quantize_model` wrote and measured (bytes of weights + buffers + quantization metadata)."""
+
+    out_dir: Path
+    method: str
+    config: QuantConfig
+    serialization: str = Field(description="'backend' (its own format) or 'recipe' (fp weights re-quantized on load)")
+    quantized_modules: list[str]
+    static_bytes_before: int = Field(description="whole model, float32")
+    static_bytes_after: int = Field(description="whole model, quantized")
+    quantized_layer_bytes_fp32: int = Field(description="the quantized modules, in float32")
+    quantized_layer_bytes_after: int = Field(description="the same modules quantized (weights, scales, zero points)")
+    versions: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def quantized_layer_ratio(self) -> float:
+        return self.quantized_layer_bytes_after / self.quantized_layer_bytes_fp32
+
+
+def read_recipe(path: str | Path) -> QuantResult | None:
+    """The recipe of a tinymed-quantized folder, or None for anything else (plain folder, Hub id)."""
+    file = Path(path) / RECIPE_FILE
+    if not file.is_file():
+        return None
+    try:
+        return QuantResult.model_validate({**json.loads(file.read_text(encoding="utf-8")), "out_dir": Path(path)})
+    except ValueError as exc:
+        raise ValueError(f"{file}: not a valid tinymed quantization recipe ({exc})") from None
+
+
+def quantized_module_names(model, backend) -> list[str]:
+    """Paths of the modules the backend actually replaced with quantized ones."""
+    classes = backend.quantized_classes()
+    return [name for name, m in model.named_modules() if isinstance(m, classes)]
+
+
+def _versions(backend) -> dict[str, str]:
+    from importlib.metadata import version
+
+    libs = ["torch", "transformers"] + (["bitsandbytes"] if backend.library == "bitsandbytes" else [])
+    return {lib: version(lib) for lib in libs}
+
+
+def quantize_model(path: str | Path, config: QuantConfig, out_dir: str | Path, device: str = "cpu") -> QuantResult:
+    """Quantize the checkpoint at `path` with `config` into `out_dir` (a folder `load_for_inference` reloads)."""
+    import torch
+
+    device = resolve_device(device)
+    backend = get_backend(config.method, device)
+    out_dir = Path(out_dir)
+    full = load_model(path, device="cpu", dtype=torch.float32).model
+    quantized = backend.load(path, device, config, prequantized=False)
+    names = quantized_module_names(quantized, backend)
+    if not names:
+        raise ValueError(f"{config.method}: no layer was quantized for targets {config.targets}")
+    result = QuantResult(
+        out_dir=out_dir, method=config.method, config=config, serialization=backend.serialization,
+        quantized_modules=names,
+        static_bytes_before=module_bytes(full), static_bytes_after=module_bytes(quantized),
+        quantized_layer_bytes_fp32=modules_bytes(full, names),
+        quantized_layer_bytes_after=modules_bytes(quantized, names),
+        versions=_versions(backend),
+    )
+    (full if backend.serialization == "recipe" else quantized).save_pretrained(out_dir)
+    load_processor(path).save_pretrained(out_dir)
+    write_json_atomic(out_dir / RECIPE_FILE, result.model_dump(mode="json", exclude={"out_dir"}))
+    return result
+
+
+def load_for_inference(path_or_id: str | Path, device: str = "auto", quant: str | None = None) -> LoadedModel:
+    """Load a plain checkpoint, a tinymed-quantized folder (its recipe decides), or a plain checkpoint
+    quantized on the fly with method `quant`. `LoadedModel.quant` names the method ('none' if none)."""
+    device = resolve_device(device)
+    recipe = read_recipe(path_or_id) if Path(str(path_or_id)).is_dir() else None
+    quant = None if quant in NO_QUANT else quant
+    if recipe and quant and quant != recipe.method:
+        raise ValueError(f"{path_or_id} is already quantized with {recipe.method!r}; cannot apply {quant!r} on top")
+    if recipe is None and quant is None:
+        return load_model(path_or_id, device=device)
+    config = recipe.config if recipe else QuantConfig(method=quant)
+    backend = get_backend(config.method, device)
+    prequantized = recipe is not None and recipe.serialization == "backend"
+    model = backend.load(path_or_id, device, config, prequantized=prequantized)
+    name = Path(str(path_or_id)).name or str(path_or_id)
+    return LoadedModel(model=model, processor=load_processor(path_or_id), device=device, name=name, quant=config.method)

@@ -1,0 +1,102 @@
+"""Typed configuration and result of a fine-tuning run (stage 1 alignment, stage 2 instruction tuning)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from tinymed.data.registry import DatasetSpec as _LoadSpec
+from tinymed.models.tiny import TinyConfig
+
+
+class DatasetSpec(_LoadSpec):
+    """One dataset split to train on; `path=None` = the Hub copy, or the default synthetic set."""
+
+    split: str = "train"
+
+
+class StageConfig(BaseModel):
+    """One training stage.
+
+    align: only the projector trains (vision tower and LM frozen).
+    instruct: projector + LM train (full, or LoRA on the LM's linear layers); the vision tower only
+    with `train_vision`. `max_steps`, when set, overrides `epochs` (counted in optimizer steps; one
+    optimizer step = `grad_accum` batches of `batch_size` samples per process)."""
+
+    name: Literal["align", "instruct"]
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    lora: bool = False
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    train_vision: bool = False
+
+
+class FinetuneConfig(BaseModel):
+    """A fine-tuning run: datasets (concatenated), the initial model, the stages, where to write.
+
+    `model` = any LLaVA checkpoint (folder or Hub id); None = the `tiny` preset built from the
+    training text. `save_every` and `log_every` count optimizer steps. `limit` caps each dataset."""
+
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    model: str | None = None
+    preset: Literal["tiny"] = "tiny"
+    tiny: TinyConfig = Field(default_factory=TinyConfig)
+    stages: list[StageConfig] = Field(min_length=1)
+    out_dir: Path
+    save_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+    limit: int | None = Field(None, ge=1)
+    skip_invalid: bool = False
+    keep_adapter: bool = False
+    log_every: int = Field(5, ge=1)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (images load in workers)")
+
+
+@dataclass
+class FinetuneResult:
+    """Where the final model is, optimizer steps per stage, the last step's loss, wall time (all runs
+    of a resumed job together), samples left out (unloadable rows + unreadable images)."""
+
+    model_dir: Path
+    steps: dict[str, int]
+    final_loss: float
+    seconds: float
+    skipped: int
+    log_path: Path
+
+
+def default_stages(
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    lr_align: float = 1e-3,
+    lr_instruct: float = 1e-3,
+    batch_size: int = 16,
+    grad_accum: int = 1,
+    lora: bool = False,
+) -> list[StageConfig]:
+    """Both stages with the tiny preset's CPU defaults (see `demo_stages` for the measured choice).
+
+    `epochs`/`max_steps` apply to both stages when given; the align stage is otherwise short (0.5
+    epoch): it only has to put image features where the LM can read them."""
+    return [
+        StageConfig(name="align", epochs=epochs or 0.5, max_steps=max_steps, lr=lr_align,
+                    batch_size=batch_size, grad_accum=grad_accum),
+        StageConfig(name="instruct", epochs=epochs or 3.0, max_steps=max_steps, lr=lr_instruct,
+                    batch_size=batch_size, grad_accum=grad_accum, lora=lora),
+    ]
+
+
+def demo_stages() -> list[StageConfig]:
+    """What `tinymed demo` trains: tiny preset from scratch on the default synthetic set (4800 rows).
+
+    Full fine-tuning (the LM starts random, so LoRA cannot work) at a high LR."""
+    return default_stages()

@@ -1,0 +1,108 @@
+"""Training data: samples from the data layer → lazily encoded examples → right-padded batches, in a
+deterministic, resumable order (a seeded permutation per epoch, entered at any sample position)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from tinymed.data import DataError, MedVQASample, load_dataset
+from tinymed.models import IGNORE_INDEX, encode_for_training
+from tinymed.train.config import FinetuneConfig
+
+log = logging.getLogger("tinymed.train")
+
+
+def load_training_samples(config: FinetuneConfig) -> tuple[list[MedVQASample], int]:
+    """All configured dataset splits concatenated in order; returns (samples, rows skipped on load)."""
+    samples: list[MedVQASample] = []
+    skipped = 0
+    for spec in config.datasets:
+        result = load_dataset(
+            spec.name, spec.path, spec.split, language=spec.language,
+            skip_invalid=config.skip_invalid, limit=config.limit,
+        )
+        for row in result.skipped:
+            log.warning("skipped %s row %s: %s", row.file, row.row, row.reason)
+        samples += result.samples
+        skipped += len(result.skipped)
+    if not samples:
+        raise DataError("no training samples: every configured dataset split is empty")
+    return samples, skipped
+
+
+def preset_texts(samples: list[MedVQASample]) -> list[str]:
+    """Text a preset tokenizer is trained on: every question and answer inside the template's words."""
+    return [f"USER: {s.question} ASSISTANT: {s.answer}" for s in samples]
+
+
+class VQATrainDataset(Dataset):
+    """Encodes one sample per `__getitem__` (the image is read here, i.e. in the DataLoader worker).
+
+    An unreadable image yields `{"skipped": "<file> (row <id>)"}` and a warning instead of an error."""
+
+    def __init__(self, samples: list[MedVQASample], processor):
+        self.samples = samples
+        self.processor = processor
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        try:
+            image = sample.load_image()
+        except DataError as exc:
+            log.warning("skipping sample: %s", exc)
+            return {"skipped": sample.id}
+        return encode_for_training(self.processor, image, sample.question, sample.answer)
+
+
+@dataclass
+class Collator:
+    """Right-pads a list of examples: input_ids with `pad_id`, labels with IGNORE_INDEX, attention 0.
+
+    The batch also lists the ids of skipped samples under "skipped" (possibly all of them: then the
+    batch has no tensors)."""
+
+    pad_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        good = [e for e in examples if "skipped" not in e]
+        batch: dict = {"skipped": [e["skipped"] for e in examples if "skipped" in e]}
+        if not good:
+            return batch
+        ids = [e["input_ids"] for e in good]
+        pad = torch.nn.utils.rnn.pad_sequence
+        batch["input_ids"] = pad(ids, batch_first=True, padding_value=self.pad_id)
+        batch["labels"] = pad([e["labels"] for e in good], batch_first=True, padding_value=IGNORE_INDEX)
+        batch["attention_mask"] = pad([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0)
+        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in good])
+        return batch
+
+
+class EpochSampler(Sampler[int]):
+    """The samples of one epoch in a permutation seeded by (seed, stage, epoch), from `start` to `stop`.
+
+    `set_window` re-aims it between epochs (the DataLoader that holds it stays the same object, which
+    `accelerate` has prepared and may shard across processes)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self.order: list[int] = list(range(n))
+        self.start, self.stop = 0, n
+
+    def set_window(self, stage: int, epoch: int, start: int = 0, stop: int | None = None) -> None:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + stage * 10_007 + epoch)
+        self.order = torch.randperm(self.n, generator=generator).tolist()
+        self.start, self.stop = start, self.n if stop is None else min(stop, self.n)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order[self.start : self.stop])
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
