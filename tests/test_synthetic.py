@@ -73,8 +73,9 @@ def _blobs(mask: np.ndarray, min_pixels: int = 10) -> int:
     return count
 
 
-def _by_template(records: list[dict], prefix: str) -> list[dict]:
-    return [r for r in records if r["template"].startswith(prefix + "/")]
+def _by_template(records: list[dict], *kinds: str) -> list[dict]:
+    """Records asked with any template of the given kinds (e.g. "pos_open")."""
+    return [r for r in records if r["template"].split("/")[0] in kinds]
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -205,7 +206,7 @@ def test_findings_are_in_the_pixels(medium):
 
 def test_laterality_follows_the_radiological_convention(medium):
     """'left' is the patient's left, which is drawn on the image's right."""
-    records = _by_template(_records(medium, "train"), "pos_open") + _by_template(_records(medium, "train"), "pos_choice")
+    records = _by_template(_records(medium, "train"), "pos_open", "pos_choice")
     assert len(records) > 40
     for record in records:
         columns = np.nonzero(_lesion_mask(medium, record))[1]
@@ -257,14 +258,17 @@ def _thumbnails(folder: Path, records: list[dict]) -> np.ndarray:
     ])  # fmt: skip
 
 
-@pytest.mark.parametrize("template", ["modality_open", "organ_open", "plane_open", "pos_open"])
-def test_a_linear_model_on_16px_thumbnails_learns_the_visual_attributes(medium, template):
+@pytest.mark.parametrize(("kinds", "minimum"), [
+    (("modality_open", "modality_choice"), 0.9), (("organ_open",), 0.9), (("plane_open",), 0.9),
+    (("pos_open", "pos_choice"), 0.8),  # fewer examples (one lesion, not sagittal, not histology)
+])  # fmt: skip
+def test_a_linear_model_on_16px_thumbnails_learns_the_visual_attributes(medium, kinds, minimum):
     """Learnability guard: the cues survive heavy downsampling (a tiny model can pick them up)."""
-    train = _by_template(_records(medium, "train"), template)
-    test = _by_template(_records(medium, "test"), template)
+    train = _by_template(_records(medium, "train"), *kinds)
+    test = _by_template(_records(medium, "test"), *kinds)
     predict = _softmax_regression(_thumbnails(medium, train), [_answer(r) for r in train])
     accuracy = np.mean([p == _answer(r) for p, r in zip(predict(_thumbnails(medium, test)), test)])
-    assert accuracy >= 0.85, accuracy
+    assert accuracy >= minimum, accuracy
 
 
 # ------------------------------------------------------------------------------------ cache, CLI

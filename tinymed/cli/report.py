@@ -31,7 +31,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("report")
     def report(
-        run_dirs: list[Path] = typer.Argument(..., help="Variant folders, evaluate folders, or folders holding them."),
+        run_dirs: list[Path] = typer.Argument(
+            ..., metavar="RUN_DIR...", help="Variant folders, evaluate folders, or folders holding them."),
         out: Path = typer.Option(..., "--out", help="Folder for report.md, report.html, pareto.{png,svg,json}."),
         memory: str = typer.Option("static", "--memory", help="Memory figure for the front: static or dynamic."),
         accuracy: str = typer.Option("llava_med.closed_accuracy", "--accuracy",

@@ -1,7 +1,14 @@
 """Quantize stage: a registry of backends (bitsandbytes int8/NF4, PyTorch dynamic int8), a saved form
 that reloads, static-memory accounting, and the one loader later stages call (`load_for_inference`)."""
 
-from tinymed.quantize.recipe import RECIPE_FILE, QuantResult, load_for_inference, quantize_model, read_recipe
+from tinymed.quantize.recipe import (
+    RECIPE_FILE,
+    QuantResult,
+    load_for_inference,
+    quantize_model,
+    quantized_module_names,
+    read_recipe,
+)
 from tinymed.quantize.registry import (
     BACKENDS,
     DEFAULT_TARGETS,
@@ -11,7 +18,7 @@ from tinymed.quantize.registry import (
     default_demo_methods,
     get_backend,
 )
-from tinymed.quantize.sizes import module_bytes, modules_bytes, tensor_bytes
+from tinymed.quantize.sizes import fp32_linear_bytes, module_bytes, modules_bytes, tensor_bytes
 
 __all__ = [
     "BACKENDS",
@@ -22,11 +29,13 @@ __all__ = [
     "QuantResult",
     "available_methods",
     "default_demo_methods",
+    "fp32_linear_bytes",
     "get_backend",
     "load_for_inference",
     "module_bytes",
     "modules_bytes",
     "quantize_model",
+    "quantized_module_names",
     "read_recipe",
     "tensor_bytes",
 ]

@@ -73,3 +73,13 @@ def module_bytes(module) -> int:
 def modules_bytes(model, names: list[str]) -> int:
     """Static bytes of the named submodules of `model`, summed."""
     return sum(module_bytes(model.get_submodule(name)) for name in names)
+
+
+def fp32_linear_bytes(model, names: list[str]) -> int:
+    """Bytes the named linear layers take in float32 (weight + bias), whatever format they hold now."""
+    total = 0
+    for name in names:
+        layer = model.get_submodule(name)
+        bias = layer.bias() if callable(getattr(layer, "bias", None)) else getattr(layer, "bias", None)
+        total += 4 * (layer.in_features * layer.out_features + (layer.out_features if bias is not None else 0))
+    return total
