@@ -100,13 +100,17 @@ class Scene:
 
     @property
     def view(self) -> str:
-        """Which anatomy drawing applies: the plane, or "frontal" for a radiograph."""
-        return self.plane or "frontal"
+        return _view(self.plane)
 
     @property
     def lateral(self) -> bool:
         """Whether left/right is defined for this image."""
         return self.modality != "histology" and self.plane != "sagittal"
+
+
+def _view(plane: str | None) -> str:
+    """Which anatomy drawing applies: the plane, or "frontal" for a radiograph."""
+    return plane or "frontal"
 
 
 def _pick(rng: np.random.Generator, options):
@@ -122,8 +126,8 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     plane = _pick(rng, PLANES) if modality in ("ct", "mri") else None
     stain = _pick(rng, STAIN_COLORS) if modality == "histology" else None
     count = 0 if rng.random() < 0.5 else int(rng.integers(1, 4))
-    scene = Scene(modality, organ, plane, stain, ())
-    return Scene(modality, organ, plane, stain, _place_lesions(rng, count, _lesion_zone(scene)))
+    zone = HISTOLOGY_ZONE if organ is None else ANATOMY[(organ, _view(plane))].body
+    return Scene(modality, organ, plane, stain, _place_lesions(rng, count, zone))
 
 
 def _lesion_layout(rng: np.random.Generator, count: int) -> list[tuple[str, str]]:
@@ -164,8 +168,9 @@ def _place_one(rng, side, size, zone, placed) -> Lesion | None:
 # ----------------------------------------------------------------------------------------------
 # Rendering
 
-Shape = tuple  # ("ellipse", cx, cy, rx, ry) | ("ring"|"arc", cx, cy, rx, ry, thickness) | ("bar", cx, cy, half_w, half_h)
-# an "arc" is the upper half of a ring
+# ("ellipse", cx, cy, rx, ry) | ("ring", cx, cy, rx, ry, thickness) | ("arc", same: the ring's upper half)
+# | ("bar", cx, cy, half_width, half_height); half-image units
+Shape = tuple
 
 
 @dataclass(frozen=True)
@@ -321,7 +326,7 @@ def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int = 8) -> np.ndarray:
     """Low-frequency noise, roughly unit variance, by bicubic upsampling of a coarse grid."""
-    coarse = Image.fromarray(rng.standard_normal((cells, cells)).astype(np.float32), mode="F")
+    coarse = Image.fromarray(rng.standard_normal((cells, cells)).astype(np.float32))
     return np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
 
 
@@ -330,8 +335,8 @@ def render_scene(scene: Scene, rng: np.random.Generator, size: int = 128) -> Ima
     canvas = _Canvas(size)
     if scene.modality == "histology":
         pixels = _render_histology(scene, rng, canvas)
-        return Image.fromarray(_to_uint8(pixels), mode="RGB")
-    return Image.fromarray(_to_uint8(_render_radiology(scene, rng, canvas)), mode="L")
+        return Image.fromarray(_to_uint8(pixels))
+    return Image.fromarray(_to_uint8(_render_radiology(scene, rng, canvas)))
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -392,12 +397,6 @@ def _disks(size: int, centres: np.ndarray, radii: np.ndarray) -> np.ndarray:
     for (x, y), r in zip(centres, radii):
         draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
     return np.asarray(mask, dtype=np.float32) / 255.0
-
-
-def _lesion_zone(scene: Scene) -> tuple[float, ...]:
-    if scene.modality == "histology":
-        return HISTOLOGY_ZONE
-    return ANATOMY[(scene.organ, scene.view)].body
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,9 +35,9 @@ class _Row:
             text = decode(tokens).lstrip()
             cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=None)
             if cut is not None:
-                self._finish(text[:cut].strip(), "stop", len(tokens))
+                self.finish(text[:cut].strip(), "stop", len(tokens))
             elif ended or len(tokens) >= job.max_tokens:
-                self._finish(text.strip(), "stop" if ended else "length", len(tokens))
+                self.finish(text.strip(), "stop" if ended else "length", len(tokens))
             else:
                 self._stream(_safe_prefix(text, job.stop))
 
@@ -46,7 +46,7 @@ class _Row:
             self.job.emit(Delta(visible[len(self.sent) :]))
             self.sent = visible
 
-    def _finish(self, text: str, reason: str, n_tokens: int) -> None:
+    def finish(self, text: str, reason: str, n_tokens: int) -> None:
         self._stream(text)
         self.done = True
         self.job.emit(Finished(text, reason, self.prompt_tokens, n_tokens))
@@ -125,4 +125,4 @@ class Engine:
         for row, generated in zip(rows, out[:, prompt_len:].tolist()):  # rows the criterion never closed
             if not row.done:
                 tokens, ended = self._split(generated)
-                row._finish(self._decode(tokens).strip(), "stop" if ended else "length", len(tokens))
+                row.finish(self._decode(tokens).strip(), "stop" if ended else "length", len(tokens))
