@@ -25,14 +25,16 @@ def synth(
         _DEFAULTS.questions_per_image, "--questions-per-image", min=1.0, max=8.0, help="Mean questions per image."
     ),
 ) -> None:
-    """Generate the deterministic synthetic medical VQA set (X-ray, CT, MRI, histology; VQA-RAD-style
-    questions, balanced so that the question alone predicts nothing)."""
+    """Generate the deterministic synthetic medical VQA set (X-ray, CT, MRI, histology).
+
+    VQA-RAD-style questions, balanced so that the question alone predicts nothing; sizes count questions.
+    """
     config = SynthConfig(
         n_train=n_train, n_test=n_test, seed=seed, image_size=image_size, questions_per_image=questions_per_image
     )
     with counting_progress("generating") as update:
         result = generate_synthetic(out, config, progress=update)
-    table = Table(title=f"synthetic medical VQA (seed {seed}, {image_size} px)")
+    table = Table(title=f"synthetic, seed {seed}, {image_size} px")
     for column in ("split", "images", "questions"):
         table.add_column(column, justify="right" if column != "split" else "left")
     table.add_row("train", str(result.n_train_images), str(result.n_train_questions))
