@@ -329,3 +329,22 @@ def test_cache_survives_a_torn_last_line(tmp_path):
         fh.write('{"key": "k2", "rep')
     reloaded = ResponseCache(path)
     assert len(reloaded) == 1 and reloaded.get("k1")["reply"] == "8 6"
+
+
+def test_answers_generated_by_a_local_tinymed_model(fake, tmp_path):
+    """A local (tiny) model answers items that have an image; an item without one is a counted failure."""
+    from tinymed.evaluate.judge.answers import LocalModelConfig
+    from tinymed.models import TinyConfig, build_tiny_model, generate_answers, load_model
+
+    model, processor = build_tiny_model(["Question 0? Question 1? reference answer"] * 20, TinyConfig(text_layers=1))
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    write_questions(tmp_path / "q.jsonl", 2)
+    Image.new("RGB", (4, 4), "blue").save(tmp_path / "fig0.png")  # fig1.png is absent
+    local = LocalModelConfig(model=str(tmp_path / "model"), device="cpu", max_new_tokens=4)
+    result = run_judge(judge_config(fake, tmp_path, answers=None, answer_model=local, image_root=str(tmp_path)))
+    expected = generate_answers(load_model(tmp_path / "model", device="cpu"),
+                                [Image.open(tmp_path / "fig0.png").convert("RGB")], ["Question 0?"], 4)[0].text
+    reviews = {r.id: r for r in result.reviews}
+    assert reviews["0"].answer == expected and reviews["0"].scores is not None
+    assert reviews["1"].scores is None and result.summary.failures == 1

@@ -54,6 +54,8 @@ def judge(
     answer_url: Annotated[Optional[str], typer.Option(help="generate answers at this OpenAI-compatible URL instead")] = None,
     answer_model: Annotated[Optional[str], typer.Option(help="model name at --answer-url")] = None,
     answer_api_key: Annotated[Optional[str], typer.Option(envvar="TINYMED_ANSWER_API_KEY", help="API key for --answer-url")] = None,
+    answer_model_dir: Annotated[Optional[str], typer.Option(help="generate answers with this local tinymed model (folder or Hub id)")] = None,
+    answer_quant: Annotated[Optional[str], typer.Option(help="quantize --answer-model-dir on load with this method")] = None,
     answer_max_tokens: Annotated[int, typer.Option(help="max new tokens per generated answer")] = 512,
     dataset: Annotated[Optional[str], typer.Option(help="dataset loader name when --questions is a dataset path")] = None,
     split: Annotated[str, typer.Option(help="dataset split")] = "test",
@@ -74,9 +76,10 @@ def judge(
 
     from tinymed.data import DataError
     from tinymed.evaluate.judge import EndpointConfig, JudgeConfig, run_judge
+    from tinymed.evaluate.judge.answers import LocalModelConfig
 
-    if (answers is None) == (answer_url is None):
-        raise typer.BadParameter("give exactly one of --answers or --answer-url")
+    if sum(x is not None for x in (answers, answer_url, answer_model_dir)) != 1:
+        raise typer.BadParameter("give exactly one of --answers, --answer-url or --answer-model-dir")
     if answer_url and not answer_model:
         raise typer.BadParameter("--answer-url needs --answer-model")
     policy = dict(concurrency=concurrency, timeout_s=timeout, max_attempts=max_attempts, backoff_base_s=backoff_base)
@@ -87,7 +90,9 @@ def judge(
         config = JudgeConfig(
             questions=questions, out=str(out), dataset=dataset, split=split, reference=reference, limit=limit,
             image_root=str(image_root) if image_root else None, answers=str(answers) if answers else None,
-            answer_endpoint=answer_endpoint or None, cache=str(cache) if cache else None,
+            answer_endpoint=answer_endpoint or None,
+            answer_model=LocalModelConfig(model=answer_model_dir, quant=answer_quant, max_new_tokens=answer_max_tokens)
+            if answer_model_dir else None, cache=str(cache) if cache else None,
             price_in=price_in, price_out=price_out, model_name=model_name,
             judge=EndpointConfig(base_url=judge_url, model=judge_model, api_key=judge_api_key, **policy),
         )

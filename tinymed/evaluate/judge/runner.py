@@ -16,7 +16,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from tinymed.evaluate.judge.answers import AnswerSource, EndpointAnswers, PredictionsFile
+from tinymed.evaluate.judge.answers import (
+    AnswerSource,
+    EndpointAnswers,
+    LocalModelAnswers,
+    LocalModelConfig,
+    PredictionsFile,
+)
 from tinymed.evaluate.judge.client import ChatClient, EndpointConfig, RequestFailed, ResponseCache, cache_key
 from tinymed.evaluate.judge.protocol import JudgeItem, parse_scores, reference_messages, review_messages
 from tinymed.evaluate.judge.questions import load_judge_items
@@ -36,6 +42,7 @@ class JudgeConfig(BaseModel):
     judge: EndpointConfig
     answers: str | None = Field(default=None, description="predictions.jsonl with the model's answers")
     answer_endpoint: EndpointConfig | None = Field(default=None, description="generate answers here instead")
+    answer_model: LocalModelConfig | None = Field(default=None, description="or with this local model")
     dataset: str | None = None
     split: str = "test"
     image_root: str | None = Field(default=None, description="folder of a question file's images")
@@ -162,6 +169,8 @@ def summarize_reviews(reviews: list[Review], judge: ChatClient, config: JudgeCon
 def _default_model_name(config: JudgeConfig) -> str:
     if config.answer_endpoint:
         return config.answer_endpoint.model
+    if config.answer_model:
+        return Path(config.answer_model.model).name
     if config.answers:
         return Path(config.answers).resolve().parent.name
     return "model"
@@ -172,7 +181,9 @@ def _answer_source(config: JudgeConfig, cache: ResponseCache, samples: dict) -> 
         return PredictionsFile(config.answers)
     if config.answer_endpoint:
         return EndpointAnswers(config.answer_endpoint, cache, samples)
-    raise ValueError("no answers: give a predictions file (answers) or an answer endpoint")
+    if config.answer_model:
+        return LocalModelAnswers(config.answer_model, samples)
+    raise ValueError("no answers: give a predictions file (answers), an answer endpoint or a local model")
 
 
 def run_judge(
