@@ -125,11 +125,11 @@ def _sse(obj) -> str:
 class _Call:
     """One chat completion in flight: its job, its event queue, and its audit record."""
 
-    def __init__(self, app_state, request_id: str, question: str, stream: bool):
+    def __init__(self, app_state, request_id: str):
         self.state = app_state
         self.id = request_id
-        self.question = question
-        self.stream = stream
+        self.question: str | None = None
+        self.stream = False
         self.t0 = time.perf_counter()
         self.events: asyncio.Queue = asyncio.Queue()
         self.audited = False
@@ -261,7 +261,16 @@ def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(request: Request):
+        call = _Call(app.state, f"chatcmpl-{uuid.uuid4().hex}")
+        try:
+            return await answer(call, request)
+        except ApiError as exc:  # every refusal and failure is audited too
+            call.audit(exc.status)
+            raise
+
+    async def answer(call: _Call, request: Request):
         req = parse(await request.body())
+        call.stream = req.stream
         if req.model != model_name:
             raise ApiError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
                            "model_not_found", "model")
@@ -270,19 +279,17 @@ def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
             raise ApiError(400, f"the question is {len(asked.question)} characters; the limit is "
                                 f"{config.max_question_chars}", "question_too_long", "messages")
         max_tokens, stops = max_tokens_of(req), req.stop_list()
+        call.question = asked.question
         image = (await decode(asked.image_url)).image
-        call = _Call(app.state, f"chatcmpl-{uuid.uuid4().hex}", asked.question, req.stream)
         job = Job(image=image, question=asked.question, max_tokens=max_tokens, temperature=req.temperature,
                   stop=stops, deadline=time.monotonic() + config.request_timeout_s, emit=call.emitter())
         try:
             batcher.submit(job)
         except QueueFull as exc:
-            call.audit(503)
             raise ApiError(503, f"server busy: {exc}; retry shortly", "queue_full",
                            headers={"retry-after": str(config.retry_after_s)}) from None
         first = await _await_event(call, job, request)
         if isinstance(first, Failed):
-            call.audit(first.status)
             raise ApiError(first.status, first.message, first.code)
         headers = {"x-request-id": call.id}
         if req.stream:
@@ -302,7 +309,6 @@ async def _await_event(call: _Call, job: Job, request: Request):
         except TimeoutError:
             if await request.is_disconnected():
                 job.cancelled.set()
-                call.audit(499)
                 raise ApiError(499, "client closed the request", "client_closed") from None
 
 
@@ -311,7 +317,6 @@ async def _collect(call: _Call, job: Job, event, model_name: str, request: Reque
     while not isinstance(event, Finished | Failed):
         event = await _await_event(call, job, request)
     if isinstance(event, Failed):
-        call.audit(event.status)
         raise ApiError(event.status, event.message, event.code)
     call.audit(200, event.prompt_tokens, event.completion_tokens)
     return protocol.completion(call.id, model_name, event.text, event.finish_reason, event.prompt_tokens,

@@ -208,7 +208,11 @@ def _to_rgb8(pixels: np.ndarray, ds, photometric: str) -> np.ndarray:
         raise ImageError(f"DICOM photometric interpretation {photometric or '(missing)'} is not supported", 415,
                          "unsupported_photometric_interpretation")
     values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
-    grey = _stretch(values, float(values.min()), float(values.max()))
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:  # the VOI output range: what the window maps to
+        low, high = apply_voi_lut(np.array([-(2**40), 2**40], dtype=np.int64), ds).astype(np.float64)
+    else:  # no VOI in the file: stretch the modality values' own range
+        low, high = values.min(), values.max()
+    grey = _stretch(values, float(low), float(high))
     if photometric == "MONOCHROME1":  # MONOCHROME1: low values are white
         grey = 255 - grey
     return np.repeat(grey[..., None], 3, axis=-1)

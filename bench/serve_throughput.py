@@ -1,0 +1,119 @@
+"""Benchmark: `tinymed serve` under N concurrent clients, with request batching on and off.
+
+The same model is served twice on loopback (a real uvicorn server each time): once with
+`--max-batch` (batching on), once with max batch 1 (off). N clients each send K non-streaming chat
+completions (temperature 0, a PNG image each) back to back. Prints requests/s, generated tokens/s,
+p50/p95 latency for each, and the throughput ratio.
+
+    .venv/bin/python bench/serve_throughput.py [--model DIR] [--quant METHOD] [--clients 16]
+        [--requests 4] [--max-tokens 16] [--max-batch 8]
+
+Without --model it uses a tiny random-init LLaVA (the `tiny` preset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from tinymed.models import TinyConfig, build_tiny_model
+from tinymed.serve.app import ServeConfig, create_app, load_served_model
+from tinymed.serve.background import BackgroundServer
+from tinymed.serve.batching import BatchConfig
+
+QUESTIONS = ["Is there a lesion in the left lung?", "What modality is this image?", "Is this an axial slice?",
+             "Where is the abnormality?"]
+
+
+def _model_dir(args) -> str:
+    if args.model:
+        return args.model
+    texts = [q + " yes no ct mri x-ray axial left right lung" for q in QUESTIONS] * 30
+    model, processor = build_tiny_model(texts, TinyConfig())
+    out = tempfile.mkdtemp(prefix="tinymed-bench-")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def _image_url(i: int) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (224, 224), color=(20 * i % 255, 120, 255 - 15 * i % 255)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _run_clients(url: str, args) -> dict:
+    """N clients × K requests; returns wall seconds, latencies (s) and generated tokens."""
+
+    def client(c: int) -> list[tuple[float, int]]:
+        results = []
+        with httpx.Client(timeout=300) as http:
+            for k in range(args.requests):
+                body = {"model": "bench", "max_tokens": args.max_tokens, "temperature": 0, "messages": [{
+                    "role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url(c * 31 + k)}},
+                                                {"type": "text", "text": QUESTIONS[(c + k) % len(QUESTIONS)]}]}]}
+                t0 = time.perf_counter()
+                reply = http.post(url + "/v1/chat/completions", json=body)
+                reply.raise_for_status()
+                results.append((time.perf_counter() - t0, reply.json()["usage"]["completion_tokens"]))
+        return results
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        results = [r for rs in pool.map(client, range(args.clients)) for r in rs]
+    return {"seconds": time.perf_counter() - t0, "latencies": [r[0] for r in results],
+            "tokens": sum(r[1] for r in results)}
+
+
+def _measure(lm, args, max_batch: int) -> dict:
+    config = ServeConfig(model_name="bench", batch=BatchConfig(max_batch=max_batch, max_queue=args.clients * 2))
+    with BackgroundServer(create_app(lm, config)) as server:
+        warm = argparse.Namespace(**{**vars(args), "clients": 2, "requests": 1})
+        _run_clients(server.url, warm)
+        return _run_clients(server.url, args)
+
+
+def _percentile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model")
+    parser.add_argument("--quant")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=4, help="per client")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=8)
+    args = parser.parse_args()
+
+    lm = load_served_model(_model_dir(args), device=args.device, quant=args.quant)
+    runs = {f"batched (max {args.max_batch})": _measure(lm, args, args.max_batch), "unbatched": _measure(lm, args, 1)}
+    table = Table(title=f"tinymed serve: {args.clients} clients × {args.requests} requests, "
+                        f"max_tokens {args.max_tokens}, {lm.device}, quant {lm.quant}")
+    for column in ("mode", "requests", "seconds", "requests/s", "tokens/s", "p50 latency s", "p95 latency s"):
+        table.add_column(column, justify="right")
+    for mode, run in runs.items():
+        n = len(run["latencies"])
+        table.add_row(mode, str(n), f"{run['seconds']:.2f}", f"{n / run['seconds']:.2f}",
+                      f"{run['tokens'] / run['seconds']:.1f}", f"{_percentile(run['latencies'], 50):.3f}",
+                      f"{_percentile(run['latencies'], 95):.3f}")
+    console = Console()
+    console.print(table)
+    batched, unbatched = runs.values()
+    console.print(f"throughput ratio (batched / unbatched): {unbatched['seconds'] / batched['seconds']:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
