@@ -45,7 +45,7 @@ def tiny_dir(tmp_path_factory):
 def quantized(tiny_dir, tmp_path_factory):
     """method → QuantResult of the default targets (the LLM's linear layers)."""
     root = tmp_path_factory.mktemp("quantized")
-    return {m: quantize_model(tiny_dir, QuantConfig(method=m), root / m) for m in METHODS}
+    return {m: quantize_model(tiny_dir, QuantConfig(method=m), root / m, device="cpu") for m in METHODS}
 
 
 def _logits(lm) -> torch.Tensor:
@@ -81,7 +81,7 @@ def test_default_quantizes_only_the_llm_linears(tiny_dir, quantized, method):
     assert result.quantized_modules == _llm_linears(plain)
     lm = load_for_inference(result.out_dir, device="cpu")
     assert quantized_module_names(lm.model, BACKENDS[method]) == result.quantized_modules
-    for untouched in ("lm_head", "model.multi_modal_projector.linear_1", "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1"):
+    for untouched in ("lm_head", "model.multi_modal_projector.linear_1", "model.vision_tower.encoder.layers.0.mlp.fc1"):
         assert type(lm.model.get_submodule(untouched)) is torch.nn.Linear, untouched
     assert type(lm.model.get_input_embeddings()) is torch.nn.Embedding
 
@@ -89,7 +89,7 @@ def test_default_quantizes_only_the_llm_linears(tiny_dir, quantized, method):
 @pytest.mark.parametrize("method", ["torch-int8", "bnb-nf4"])
 def test_projector_and_lm_head_are_quantized_when_asked(tiny_dir, tmp_path, method):
     config = QuantConfig(method=method, targets={"llm": False, "projector": True, "lm_head": True})
-    result = quantize_model(tiny_dir, config, tmp_path / method)
+    result = quantize_model(tiny_dir, config, tmp_path / method, device="cpu")
     assert result.quantized_modules == ["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2", "lm_head"]
 
 
@@ -146,7 +146,7 @@ def test_cli_quantize_writes_a_reloadable_folder(tiny_dir, tmp_path):
     from tinymed.cli import app
 
     out = tmp_path / "q"
-    result = CliRunner().invoke(app, ["quantize", "--model", str(tiny_dir), "--method", "torch-int8", "--out", str(out)])
+    result = CliRunner().invoke(app, ["quantize", "--model", str(tiny_dir), "--method", "torch-int8", "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "14 layers quantized" in result.output
     assert load_for_inference(out, device="cpu").quant == "torch-int8"

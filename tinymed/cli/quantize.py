@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         lm_head: bool = typer.Option(False, "--lm-head/--no-lm-head", help="Also quantize lm_head."),
         llm: bool = typer.Option(True, "--llm/--no-llm", help="Quantize the LLM's linear layers (default)."),
         compute_dtype: str = typer.Option("auto", "--compute-dtype", help="auto, float32, float16 or bfloat16."),
-        device: str = typer.Option("cpu", "--device", help="Where to quantize: cpu or cuda."),
+        device: str = typer.Option("auto", "--device", help="Where to quantize: cpu, cuda or auto."),
     ) -> None:
         """Quantize a checkpoint into a folder that evaluate, profile and serve load directly."""
         from tinymed.quantize import QuantConfig, quantize_model

@@ -112,7 +112,7 @@ BACKENDS: dict[str, Backend] = {
     ),
 }
 
-NO_QUANT = ("none", "fp32", "")
+NO_QUANT = ("none", "")
 
 
 def device_kind(device: str) -> str:
