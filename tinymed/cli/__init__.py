@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from tinymed import __version__
 from tinymed.cli import data, demo, evaluate, finetune, judge, quantize, report, score, serve
 
 app = typer.Typer(
@@ -12,6 +13,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tinymed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version."),
+) -> None:
+    """tinymed: fine-tune, quantize, evaluate and deploy small medical multimodal LLMs."""
+
 
 for module in (data, score, finetune, evaluate, quantize, judge, report, serve, demo):
     module.register(app)
