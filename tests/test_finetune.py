@@ -195,29 +195,29 @@ def test_pairing_of_repeated_dataset_options():
 @pytest.mark.slow
 def test_resume_after_kill_9_matches_an_uninterrupted_run(data_dir, tmp_path):
     stages = [StageConfig(name="align", max_steps=3, lr=1e-2, batch_size=4),
-              StageConfig(name="instruct", max_steps=40, lr=1e-2, batch_size=4, grad_accum=2)]
-    reference = finetune(_config(data_dir, tmp_path / "ref", stages, save_every=2), progress=False)
+              StageConfig(name="instruct", max_steps=16, lr=1e-2, batch_size=4, grad_accum=2)]
+    reference = finetune(_config(data_dir, tmp_path / "ref", stages, save_every=4), progress=False)
     config_file = tmp_path / "config.json"
-    config_file.write_text(_config(data_dir, tmp_path / "unused", stages, save_every=2).model_dump_json())
-    out = tmp_path / "killed"
+    config_file.write_text(_config(data_dir, tmp_path / "unused", stages, save_every=4).model_dump_json())
+    out, checkpoints = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
     command = [sys.executable, "-m", "tinymed.cli", "finetune", "--config", str(config_file), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list((out / "checkpoints").glob("step-*")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    while not (checkpoints / "step-000004").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # mid-stage 2, maybe mid-write of the next checkpoint
     proc.wait()
     assert not (out / "finetune_result.json").exists(), "the run finished before it could be killed"
-    (out / "checkpoints" / ".tmp-step-999999").mkdir()  # half-written: no final name
-    (out / "checkpoints" / "step-999998").mkdir()  # no trainer_state.json: incomplete
-    (out / "checkpoints" / "step-999998" / "model.safetensors").write_bytes(b"garbage")
+    (checkpoints / ".tmp-step-999999").mkdir(exist_ok=True)  # half-written: never got its final name
+    (checkpoints / "step-999998").mkdir()  # no trainer_state.json: incomplete
+    (checkpoints / "step-999998" / "model.safetensors").write_bytes(b"garbage")
     done = subprocess.run([*command, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = json.loads((out / "finetune_result.json").read_text())
-    assert resumed["steps"] == reference.steps == {"align": 3, "instruct": 40}
+    assert resumed["steps"] == reference.steps == {"align": 3, "instruct": 16}
     assert math.isclose(resumed["final_loss"], reference.final_loss, rel_tol=1e-5, abs_tol=1e-6)
     ref_w, res_w = _weights(reference.model_dir), _weights(out / "final")
     assert max((ref_w[k] - res_w[k]).abs().max().item() for k in ref_w) < 1e-5
     steps = [json.loads(line)["global_step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 44))
+    assert steps == list(range(1, 20))

@@ -47,7 +47,7 @@ class DemoConfig(BaseModel):
     synth: SynthConfig = Field(default_factory=SynthConfig)
     quant_methods: list[str] | None = Field(None, description="None = the measured-best 8-bit and 4-bit backends")
     eval_batch_size: int = 16
-    max_new_tokens: int = 16
+    max_new_tokens: int = Field(24, description="enough for the synthetic set's one-line descriptions")
     eval_limit: int | None = None
     device: str = "auto"
     profile: bool = True

@@ -77,6 +77,8 @@ def register(app: typer.Typer) -> None:
                 if out is None:
                     raise typer.BadParameter("--out is required (or --config)", param_hint="--out")
                 wanted = [s.strip() for s in stages.split(",") if s.strip()]
+                if not wanted or set(wanted) - {"align", "instruct"}:
+                    raise typer.BadParameter(f"{stages!r}: use align, instruct or align,instruct", param_hint="--stages")
                 chosen = [s for s in default_stages(epochs, max_steps, lr_align, lr_instruct, batch_size, grad_accum, lora)
                           if s.name in wanted]
                 config = FinetuneConfig(

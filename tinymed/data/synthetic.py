@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 
 from tinymed.io import write_json_atomic
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "test")
 MODALITIES = ("x-ray", "ct", "mri", "histology")
 ORGANS = ("brain", "chest", "abdomen")
@@ -467,9 +467,25 @@ def _count_if_any(scene: Scene) -> str | None:
     return _count(scene) if scene.lesions else None
 
 
+def _description(scene: Scene) -> str:
+    """A one-line report of everything in the picture (LLaVA-Med's "detailed description" kind):
+    modality, organ, plane or stain, and each lesion's size and side."""
+    what = scene.modality if scene.organ is None else f"{scene.modality} of the {scene.organ}"
+    parts = [what] + [f"{scene.plane} plane"] * bool(scene.plane) + [f"{scene.stain_color} stain"] * bool(scene.stain_color)
+    if not scene.lesions:
+        return ", ".join(parts + ["no lesion"])
+    count = {1: "one", 2: "two", 3: "three"}[len(scene.lesions)]
+    parts.append(f"{count} lesion" + "s" * (len(scene.lesions) > 1))
+    for lesion in sorted(scene.lesions, key=lambda lesion: lesion.x):
+        parts.append(f"{lesion.size} on the {lesion.side}" if scene.lateral else lesion.size)
+    return ", ".join(parts)
+
+
 MODALITY_PHRASES = {"x-ray": "an X-ray", "ct": "a CT scan", "mri": "an MRI", "histology": "a histology slide"}
 COUNT_PHRASES = {"1": "one lesion", "2": "two lesions", "3": "three lesions"}
 KINDS: tuple[QuestionKind, ...] = (
+    QuestionKind("describe_open", "DESC", "open", _description, (), (
+        "Describe the image.", "Describe what you see in this image.", "Give a short report of this image."), 2.0),
     QuestionKind("modality_open", "MODALITY", "open", lambda s: s.modality, MODALITIES, (
         "What imaging modality is this?", "How was this image acquired?", "What kind of image is this?"), 1.0),
     QuestionKind("modality_yesno", "MODALITY", "yesno", lambda s: s.modality, MODALITIES, (

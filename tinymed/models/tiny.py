@@ -12,14 +12,18 @@ from tinymed.models.tokenizer import IMAGE, train_tokenizer
 
 
 class TinyConfig(BaseModel):
-    """Sizes of the tiny preset (defaults ≈ 3.5M parameters; 64 image tokens)."""
+    """Sizes of the tiny preset (defaults ≈ 1M parameters; 16 image tokens).
+
+    Chosen by measurement (2026-11-28, 2 CPU cores, default synthetic set): from scratch, a 2-layer,
+    128-wide LM with 16 image tokens learns to read the image within the demo's time budget; a
+    4-layer, 256-wide LM with 64 image tokens only learned the question-only prior in the same time."""
 
     image_size: int = Field(64, description="input resolution in pixels (square)")
-    patch_size: int = 8
+    patch_size: int = 16
     vision_hidden: int = 128
     vision_layers: int = 2
-    text_hidden: int = 256
-    text_layers: int = 4
+    text_hidden: int = 128
+    text_layers: int = 2
     heads: int = 4
     vocab_size: int = 2000
     max_positions: int = 512

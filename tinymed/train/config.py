@@ -85,18 +85,23 @@ def default_stages(
 ) -> list[StageConfig]:
     """Both stages with the tiny preset's CPU defaults (see `demo_stages` for the measured choice).
 
-    `epochs`/`max_steps` apply to both stages when given; the align stage is otherwise short (0.5
-    epoch): it only has to put image features where the LM can read them."""
+    `epochs`/`max_steps` apply to both stages when given; otherwise align runs 0.25 epoch (it only
+    has to put image features where the LM can read them) and instruct 2 epochs."""
     return [
-        StageConfig(name="align", epochs=epochs or 0.5, max_steps=max_steps, lr=lr_align,
+        StageConfig(name="align", epochs=epochs or 0.25, max_steps=max_steps, lr=lr_align,
                     batch_size=batch_size, grad_accum=grad_accum),
-        StageConfig(name="instruct", epochs=epochs or 3.0, max_steps=max_steps, lr=lr_instruct,
+        StageConfig(name="instruct", epochs=epochs or 2.0, max_steps=max_steps, lr=lr_instruct,
                     batch_size=batch_size, grad_accum=grad_accum, lora=lora),
     ]
 
 
 def demo_stages() -> list[StageConfig]:
-    """What `tinymed demo` trains: tiny preset from scratch on the default synthetic set (4800 rows).
+    """What `tinymed demo` trains: the tiny preset from scratch on the default synthetic set.
 
-    Full fine-tuning (the LM starts random, so LoRA cannot work) at a high LR."""
-    return default_stages()
+    Full fine-tuning (the LM starts random, so LoRA cannot work). Measured 2026-11-28 on the 2-core
+    CPU box: the image is only read after many passes — 2 epochs gave the question-only prior (closed
+    ≈ 50%); 12 epochs at LR 2e-3 (≈ 3600 steps of 16) gave closed ≈ 68%, open recall ≈ 75%."""
+    return [
+        StageConfig(name="align", epochs=0.25, lr=1e-3, batch_size=16),
+        StageConfig(name="instruct", epochs=12.0, lr=2e-3, batch_size=16),
+    ]

@@ -189,13 +189,11 @@ def _run_epoch(run: Run, index: int, stage: StageConfig, total: int, objects, ta
             optimizer.zero_grad()
         state.skipped_ids = sorted(set(state.skipped_ids) | set(batch["skipped"]))
         state.batches_done += 1
-        if state.batches_done * per_batch >= len(sampler.order):
+        if state.batches_done * per_batch >= len(sampler.order):  # the epoch is over: a checkpoint says so
             state.epoch, state.batches_done = state.epoch + 1, 0
         if acc.sync_gradients:
             _after_step(run, stage, total, step_loss / max(step_batches, 1), (scheduler, sampler, task))
             step_loss, step_batches = 0.0, 0
-    if len(sampler) == 0:  # resumed exactly at an epoch's end
-        state.epoch, state.batches_done = state.epoch + 1, 0
 
 
 def _after_step(run: Run, stage: StageConfig, total: int, loss: float, display) -> None:
