@@ -103,7 +103,7 @@ def test_openai_client_answer_equals_generate_answers(lm, client, image):
     assert reply.choices[0].message.content == expected.text
     assert reply.choices[0].finish_reason == ("length" if expected.new_tokens == 10 else "stop")
     assert reply.usage.completion_tokens == expected.new_tokens
-    assert reply.usage.prompt_tokens > 64  # 64 image tokens + the text
+    assert reply.usage.prompt_tokens > lm.model.config.image_seq_length  # image tokens + the text
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 

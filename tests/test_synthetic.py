@@ -14,10 +14,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tinymed.cli.data_synth import synth
-from tinymed.data.synthetic import SynthConfig, ensure_default_dataset, generate_synthetic
+from tinymed.data.synthetic import GENERATOR_VERSION, SynthConfig, ensure_default_dataset, generate_synthetic
 
 SMALL = SynthConfig(n_train=120, n_test=40, seed=3, image_size=96)
-MEDIUM = SynthConfig(n_train=2400, n_test=1200, seed=11)
+MEDIUM = SynthConfig(n_train=3000, n_test=1200, seed=11)  # ~14% are descriptions
 BRIGHT = 0.93  # lesions are the only radiology pixels this bright (grey 237+)
 DARK = 0.33  # tumour nuclei are the only histology pixels this dark (luminance)
 
@@ -143,7 +143,7 @@ def test_records_are_in_the_conversation_format(medium):
     open_share = Counter(r["answer_type"] for r in records)["OPEN"] / len(records)
     assert 0.3 <= open_share <= 0.5
     kinds = {r["question_type"] for r in records}
-    assert kinds == {"MODALITY", "ORGAN", "PLANE", "PRES", "ABN", "POS", "COUNT", "SIZE", "COLOR"}
+    assert kinds == {"MODALITY", "ORGAN", "PLANE", "PRES", "ABN", "POS", "COUNT", "SIZE", "COLOR", "DESC"}
 
 
 def test_each_kind_has_at_least_three_paraphrases(medium):
@@ -278,7 +278,7 @@ def test_default_dataset_is_generated_once_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYMED_CACHE", str(tmp_path))
     first = ensure_default_dataset(SMALL)
     stamp = (first / "meta.json").stat().st_mtime_ns
-    assert first.parent == tmp_path and first.name.startswith("synthetic-v1-seed3")
+    assert first.parent == tmp_path and first.name.startswith(f"synthetic-v{GENERATOR_VERSION}-seed3")
     assert ensure_default_dataset(SMALL) == first
     assert (first / "meta.json").stat().st_mtime_ns == stamp
     (first / "meta.json").unlink()  # a half-written folder is regenerated
@@ -290,7 +290,7 @@ def test_default_cache_folder_name(tmp_path, monkeypatch):
     from tinymed.data.synthetic import default_cache_dir
 
     monkeypatch.setenv("TINYMED_CACHE", str(tmp_path))
-    assert default_cache_dir() == tmp_path / "synthetic-v1-seed0"
+    assert default_cache_dir() == tmp_path / f"synthetic-v{GENERATOR_VERSION}-seed0"
 
 
 def test_cli_writes_the_set_and_prints_a_summary(tmp_path):
