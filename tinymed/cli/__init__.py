@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from tinymed import __version__
@@ -33,4 +35,7 @@ for module in (data, score, finetune, evaluate, quantize, judge, report, serve, 
 
 
 def main() -> None:
+    # Our own progress bars are the ones to watch; keep library bars and chatter out of the terminal.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     app()
