@@ -29,7 +29,7 @@ from tinymed.evaluate.baseline import QuestionOnlyBaseline
 from tinymed.evaluate.memory import ProfileConfig, profile_model
 from tinymed.evaluate.metrics import score_predictions
 from tinymed.evaluate.runner import EvalConfig, evaluate, prediction_record
-from tinymed.io import write_json_atomic, write_jsonl_atomic
+from tinymed.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from tinymed.quantize import QuantConfig, default_demo_methods, quantize_model
 from tinymed.train import DatasetSpec, FinetuneConfig, demo_stages, finetune
 
@@ -105,8 +105,6 @@ def run_demo(config: DemoConfig, progress: ProgressFactory = _no_progress, say=p
                     max_new_tokens=config.max_new_tokens, limit=config.eval_limit, device=config.device,
                 ), on_progress=update)
             if name == "fp32":
-                from tinymed.io import read_jsonl
-
                 pooled["model"] += read_jsonl(result.out_dir / "predictions.jsonl")
     for spec in specs:
         pooled["baseline"] += _baseline(spec, out / "baseline" / spec.name)
