@@ -16,3 +16,13 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not available: {path} is absent (only present on the project's machines)")
     return path
+
+
+def save_tiny_model(folder: Path, texts: list[str], **sizes) -> Path:
+    """Build a random-init tiny LLaVA (tokenizer trained on `texts`, TinyConfig(**sizes)) and save it to `folder`."""
+    from tinymed.models import TinyConfig, build_tiny_model
+
+    model, processor = build_tiny_model(texts, TinyConfig(**sizes))
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tinymed.evaluate.memory import ProfileConfig, disk_bytes, profile_model, question_set
-from tinymed.models import TinyConfig, build_tiny_model
+from conftest import save_tiny_model
 from tinymed.quantize import QuantConfig, quantize_model
 
 TEXTS = ["is there a lesion in the left lung? yes no", "what modality is this? ct mri x-ray axial"] * 40
@@ -18,11 +18,7 @@ FAST = {"n_questions": 2, "batch_size": 2, "max_new_tokens": 4, "warmup": 1, "ru
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    model, processor = build_tiny_model(TEXTS, TinyConfig(text_layers=2, text_hidden=256))
-    out = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), TEXTS, text_layers=2, text_hidden=256)
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tinymed.models import TinyConfig, build_tiny_model, generate_answers, prepare_inputs
+from conftest import save_tiny_model
+from tinymed.models import generate_answers, prepare_inputs
 from tinymed.quantize import (
     BACKENDS,
     RECIPE_FILE,
@@ -34,11 +35,7 @@ def _images(n: int) -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    model, processor = build_tiny_model(TEXTS, TinyConfig(text_layers=2, text_hidden=256))
-    out = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), TEXTS, text_layers=2, text_hidden=256)
 
 
 @pytest.fixture(scope="module")

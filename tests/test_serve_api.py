@@ -16,7 +16,8 @@ import openai
 import pytest
 from PIL import Image
 
-from tinymed.models import TinyConfig, build_tiny_model, generate_answers, load_model
+from conftest import save_tiny_model
+from tinymed.models import generate_answers, load_model
 from tinymed.serve.app import STATIC, ServeConfig, create_app
 from tinymed.serve.background import BackgroundServer
 from tinymed.serve.batching import Batcher, BatchConfig, Failed, Finished, Job, QueueFull
@@ -43,11 +44,8 @@ def user(question: str, url: str | None = None) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    model, processor = build_tiny_model(TEXTS, TinyConfig(text_layers=2, max_positions=256))
-    out = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return load_model(out, device="cpu")
+    folder = save_tiny_model(tmp_path_factory.mktemp("tiny"), TEXTS, text_layers=2, max_positions=256)
+    return load_model(folder, device="cpu")
 
 
 @pytest.fixture(scope="module")
