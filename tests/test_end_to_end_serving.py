@@ -8,10 +8,11 @@ import json
 import pytest
 from PIL import Image
 
+from conftest import save_tiny_model
 from tinymed.evaluate.judge import EndpointConfig, JudgeConfig, run_judge
 from tinymed.evaluate.runner import EvalConfig, evaluate
 from tinymed.io import read_jsonl
-from tinymed.models import TinyConfig, build_tiny_model, load_model
+from tinymed.models import load_model
 from tinymed.serve.app import ServeConfig, create_app
 from tinymed.serve.background import BackgroundServer
 
@@ -21,11 +22,7 @@ QA = [("Is there a lesion?", "yes", "CLOSED"), ("What modality is this?", "ct", 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    model, processor = build_tiny_model([q + " " + a for q, a, _ in QA] * 20, TinyConfig(text_layers=2))
-    folder = tmp_path_factory.mktemp("model")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("model"), [q + " " + a for q, a, _ in QA] * 20, text_layers=2)
 
 
 @pytest.fixture(scope="module")

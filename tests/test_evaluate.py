@@ -9,10 +9,10 @@ import sys
 import pytest
 from PIL import Image
 
+from conftest import save_tiny_model
 from tinymed.evaluate.metrics import score_predictions
 from tinymed.evaluate.runner import PARTIAL, EvalConfig, evaluate
 from tinymed.io import read_jsonl
-from tinymed.models import TinyConfig, build_tiny_model
 
 QA = [
     ("Is there a lesion?", "yes", "CLOSED", "PRES"),
@@ -25,11 +25,7 @@ QA = [
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    model, processor = build_tiny_model([q + " " + a for q, a, _, _ in QA] * 20, TinyConfig(text_layers=2))
-    folder = tmp_path_factory.mktemp("model")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("model"), [q + " " + a for q, a, _, _ in QA] * 20, text_layers=2)
 
 
 @pytest.fixture()

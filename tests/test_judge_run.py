@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import save_tiny_model
 from tinymed.cli import app as cli_app
 from tinymed.evaluate.judge import ChatClient, EndpointConfig, JudgeConfig, RequestFailed, Usage, run_judge
 from tinymed.evaluate.judge.client import ResponseCache
@@ -334,11 +335,9 @@ def test_cache_survives_a_torn_last_line(tmp_path):
 def test_answers_generated_by_a_local_tinymed_model(fake, tmp_path):
     """A local (tiny) model answers items that have an image; an item without one is a counted failure."""
     from tinymed.evaluate.judge.answers import LocalModelConfig
-    from tinymed.models import TinyConfig, build_tiny_model, generate_answers, load_model
+    from tinymed.models import generate_answers, load_model
 
-    model, processor = build_tiny_model(["Question 0? Question 1? reference answer"] * 20, TinyConfig(text_layers=1))
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", ["Question 0? Question 1? reference answer"] * 20, text_layers=1)
     write_questions(tmp_path / "q.jsonl", 2)
     Image.new("RGB", (4, 4), "blue").save(tmp_path / "fig0.png")  # fig1.png is absent
     local = LocalModelConfig(model=str(tmp_path / "model"), device="cpu", max_new_tokens=4)

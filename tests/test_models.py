@@ -6,12 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import save_tiny_model
 from tinymed.models import (
     ComposeConfig,
     IGNORE_INDEX,
-    TinyConfig,
     build_prompt,
-    build_tiny_model,
     compose_llava,
     encode_for_training,
     generate_answers,
@@ -28,11 +27,7 @@ def _images(n: int) -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    model, processor = build_tiny_model(TEXTS, TinyConfig(text_layers=2))
-    out = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), TEXTS, text_layers=2)
 
 
 def test_training_prompt_is_the_inference_prompt(tiny_dir):

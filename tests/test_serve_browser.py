@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from tinymed.models import TinyConfig, build_tiny_model, generate_answers, load_model
+from conftest import save_tiny_model
+from tinymed.models import generate_answers, load_model
 from tinymed.serve.app import ServeConfig, create_app
 from tinymed.serve.background import BackgroundServer
 
@@ -39,11 +40,8 @@ def browser():
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     texts = ["is there a lesion in the left lung? yes no", "what modality is this? ct mri x-ray axial"] * 40
-    model, processor = build_tiny_model(texts, TinyConfig(text_layers=1, seed=0))  # answers in readable tokens
-    out = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    lm = load_model(out, device="cpu")
+    folder = save_tiny_model(tmp_path_factory.mktemp("tiny"), texts, text_layers=1, seed=0)  # answers in readable tokens
+    lm = load_model(folder, device="cpu")
     with BackgroundServer(create_app(lm, ServeConfig(model_name="tiny"))) as server:
         yield lm, server
 

@@ -15,7 +15,8 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_color_lut
 
-from tinymed.models import TinyConfig, build_tiny_model, generate_answers, load_model
+from conftest import save_tiny_model
+from tinymed.models import generate_answers, load_model
 from tinymed.serve.app import ServeConfig, create_app
 from tinymed.serve.background import BackgroundServer
 from tinymed.serve.images import ImageError, ImageLimits, decode_data_url, decode_image, png_data_url
@@ -155,11 +156,8 @@ def test_data_url_frame_parameter_and_label():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    model, processor = build_tiny_model(["is there a lesion? yes no ct mri"] * 40, TinyConfig(text_layers=1))
-    out = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    lm = load_model(out, device="cpu")
+    folder = save_tiny_model(tmp_path_factory.mktemp("tiny"), ["is there a lesion? yes no ct mri"] * 40, text_layers=1)
+    lm = load_model(folder, device="cpu")
     with BackgroundServer(create_app(lm, ServeConfig(model_name="tiny"))) as server:
         yield lm, server
 

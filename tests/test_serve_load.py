@@ -13,7 +13,8 @@ import psutil
 import pytest
 from PIL import Image
 
-from tinymed.models import TinyConfig, build_tiny_model, load_model
+from conftest import save_tiny_model
+from tinymed.models import load_model
 from tinymed.serve.app import ServeConfig, create_app
 from tinymed.serve.background import BackgroundServer
 from tinymed.serve.batching import BatchConfig
@@ -50,10 +51,7 @@ def _client(url: str, c: int, until: float) -> list[tuple[int, bool]]:
 
 @pytest.mark.slow
 def test_sixteen_clients_only_shed_with_503_and_memory_returns(tmp_path):
-    model, processor = build_tiny_model(["is there a lesion? yes no ct mri"] * 40, TinyConfig(text_layers=2))
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    lm = load_model(tmp_path, device="cpu")
+    lm = load_model(save_tiny_model(tmp_path, ["is there a lesion? yes no ct mri"] * 40, text_layers=2), device="cpu")
     config = ServeConfig(model_name="tiny", batch=BatchConfig(max_batch=4, max_queue=4), retry_after_s=1)
     process = psutil.Process()
     with BackgroundServer(create_app(lm, config)) as server:
