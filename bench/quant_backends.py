@@ -1,7 +1,9 @@
 """Benchmark: every CPU quantization backend in the registry vs fp32, same model, same prompts, one run.
 
 For each variant: does it load and generate, logits relative error vs fp32 (‖Δ‖/‖fp32‖ on two
-prompts), static bytes (whole model, and its quantized layers vs the same layers in fp32), and batch-1
+prompts), static bytes (whole model, and its quantized layers vs the same layers in fp32), dynamic
+memory as `tinymed profile` measures it on CPU (a fresh process: peak RSS while answering 4 questions
+at batch 4, and the peak while loading, both above the process's RSS before loading), and batch-1
 decode tokens/s as a ratio to fp32. Variants are timed in interleaved rounds and the medians taken,
 because absolute tokens/s drift between runs on a shared VM; the ratio is the figure to quote.
 
@@ -22,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from tinymed.evaluate.memory import ProfileConfig, measure_speed, question_set
+from tinymed.evaluate.memory import ProfileConfig, cpu_peak_memory, measure_speed, question_set
 from tinymed.models import TinyConfig, build_tiny_model, prepare_inputs
 from tinymed.quantize import BACKENDS, available_methods, fp32_linear_bytes, load_for_inference, module_bytes
 from tinymed.quantize import modules_bytes, quantized_module_names
@@ -82,18 +84,25 @@ def main() -> None:
         for name, lm in loaded.items():
             speeds[name].append(measure_speed(lm, images, questions, 1, timing).decode_tokens_per_s)
             console.print(f"round {round_ + 1}/{args.rounds} {name}: {speeds[name][-1]:.1f} tok/s", highlight=False)
+    for name in loaded:
+        quant = None if name == "fp32" else name
+        dynamic = cpu_peak_memory(timing.model_copy(update={"quant": quant, "n_questions": 4, "batch_size": 4}), "cpu")
+        rows[name].update(dynamic_bytes=dynamic.peak_bytes, load_peak_bytes=dynamic.load_peak_bytes)
     fp32_speed = statistics.median(speeds["fp32"])
     table = Table(title=f"CPU backends, {n_params / 1e6:.0f}M-param random LLaVA, batch 1, {torch.get_num_threads()} threads")
-    for col in ("backend", "works?", "logits rel. err", "static MiB", "quantized layers vs fp32", "decode tok/s", "speed vs fp32"):
+    columns = ("backend", "works?", "logits rel. err vs fp32", "static MiB", "quantized layers vs fp32",
+               "dynamic MiB (answering)", "load peak MiB", "decode tok/s", "speed vs fp32")
+    for col in columns:
         table.add_column(col)
-    markdown = ["| backend | works? | logits rel. err vs fp32 | static MiB | quantized layers vs fp32 | decode tok/s | speed vs fp32 |",
-                "|---|---|---|---|---|---|---|"]
+    markdown = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, row in rows.items():
         tps = statistics.median(speeds[name]) if name in speeds else None
         cells = [name, row["works"]] + ([
             f"{row['rel_err']:.3f}", f"{row['static_bytes'] / 2**20:.1f}",
-            "-" if row["layer_ratio"] is None else f"{row['layer_ratio']:.1%}", f"{tps:.1f}", f"{tps / fp32_speed:.2f}×",
-        ] if tps is not None else ["-"] * 5)
+            "-" if row["layer_ratio"] is None else f"{row['layer_ratio']:.1%}",
+            f"{row['dynamic_bytes'] / 2**20:.1f}", f"{row['load_peak_bytes'] / 2**20:.1f}",
+            f"{tps:.1f}", f"{tps / fp32_speed:.2f}×",
+        ] if tps is not None else ["-"] * 7)
         table.add_row(*cells)
         markdown.append("| " + " | ".join(cells) + " |")
     console.print(table)

@@ -31,8 +31,9 @@ def test_profile_json_has_every_figure_with_units(tiny_dir, tmp_path):
     assert static["unit"] == "bytes" and static["bytes"] > 1_000_000
     assert abs(static["disk_bytes"] - static["bytes"]) / static["bytes"] < 0.01  # fp32 safetensors ≈ in memory
     dynamic = saved["dynamic"]
-    assert dynamic["unit"] == "bytes" and "ru_maxrss" in dynamic["method"]
+    assert dynamic["unit"] == "bytes" and "while answering" in dynamic["method"] and "VmHWM" in dynamic["method"]
     assert dynamic["peak_bytes"] > static["bytes"]  # the child loaded the weights after its baseline
+    assert dynamic["load_peak_bytes"] >= dynamic["after_load_bytes"] > static["bytes"] / 2
     assert set(saved["speed"]) == {"batch_1", "batch_2"}
     for name, figure in saved["speed"].items():
         assert figure["batch_size"] == int(name.removeprefix("batch_"))

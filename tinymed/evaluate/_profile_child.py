@@ -1,11 +1,15 @@
-"""Child process of `tinymed profile` on CPU: peak resident memory of loading + answering, from a clean start.
+"""Child process of `tinymed profile` on CPU: resident memory of loading, then of answering, from a clean start.
 
 Usage: python -m tinymed.evaluate._profile_child CONFIG_JSON RESULT_JSON
-Writes {"baseline_rss_bytes", "after_load_rss_bytes", "peak_rss_bytes"} to RESULT_JSON.
+Writes to RESULT_JSON (bytes): baseline_rss (after imports, before loading), load_peak_rss (peak while loading),
+after_load_rss, answer_peak_rss (peak while answering) and `peak_reset`: whether the kernel's peak counter was
+reset between loading and answering (Linux /proc/self/clear_refs "5"); without it answer_peak_rss is the peak
+of the whole process (`ru_maxrss`), loading included.
 """
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
 from pathlib import Path
@@ -19,6 +23,27 @@ from tinymed.io import write_json_atomic
 from tinymed.models import generate_answers
 from tinymed.quantize import load_for_inference
 
+_STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def peak_rss() -> int:
+    """Peak resident set since start or the last reset, in bytes (VmHWM on Linux, else ru_maxrss)."""
+    if _STATUS.is_file():
+        found = re.search(r"^VmHWM:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+        if found:
+            return int(found.group(1)) * 1024
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter to the current RSS (Linux ≥ 4.0); False where not possible."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
 
 def main(config_file: str, result_file: str) -> None:
     config = ProfileConfig.model_validate_json(Path(config_file).read_text(encoding="utf-8"))
@@ -26,10 +51,13 @@ def main(config_file: str, result_file: str) -> None:
     process = psutil.Process()
     baseline = process.memory_info().rss
     lm = load_for_inference(config.model, device=config.device, quant=config.quant)
-    after_load = process.memory_info().rss
+    load_peak, after_load = peak_rss(), process.memory_info().rss
+    reset = reset_peak_rss()
     generate_answers(lm, images, questions, config.max_new_tokens, config.batch_size)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    write_json_atomic(result_file, {"baseline_rss_bytes": baseline, "after_load_rss_bytes": after_load, "peak_rss_bytes": peak})
+    write_json_atomic(result_file, {
+        "baseline_rss": baseline, "load_peak_rss": load_peak, "after_load_rss": after_load,
+        "answer_peak_rss": peak_rss(), "peak_reset": reset,
+    })
 
 
 if __name__ == "__main__":

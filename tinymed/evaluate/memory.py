@@ -4,7 +4,8 @@
   states included (tinymed.quantize.sizes), and the weight files' size on disk;
 - dynamic: peak memory while answering the question set at the evaluation batch size: on CUDA
   `torch.cuda.max_memory_allocated` after a reset (weights included); on CPU the peak resident set of
-  a fresh child process (`ru_maxrss`) minus its resident set after imports, before the model loads;
+  a fresh child process while answering (Linux: the peak counter is reset after loading, so a loader's
+  transient copies are reported apart as load_peak_bytes) minus its resident set after imports;
 - speed: time to first token, decode tokens/s and whole-answer latency, medians over `runs` runs after
   `warmup` runs, at batch 1 and at the evaluation batch size, each generating exactly max_new_tokens.
 """
@@ -66,8 +67,10 @@ class StaticMemory(BaseModel):
 
 
 class DynamicMemory(BaseModel):
-    peak_bytes: int
+    peak_bytes: int = Field(description="peak while answering the set, weights included")
     baseline_bytes: int | None = None
+    load_peak_bytes: int | None = Field(None, description="CPU: peak while loading, above the baseline")
+    after_load_bytes: int | None = Field(None, description="CPU: resident after loading, above the baseline")
     unit: str = "bytes"
     method: str
 
@@ -226,11 +229,16 @@ def cpu_peak_memory(config: ProfileConfig, device: str) -> DynamicMemory:
         if proc.returncode != 0:
             raise RuntimeError(f"peak-memory child process failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
         measured = json.loads(result_file.read_text(encoding="utf-8"))
+    baseline = measured["baseline_rss"]
+    window = (
+        "peak RSS (VmHWM) while answering, the counter reset after loading (/proc/self/clear_refs)"
+        if measured["peak_reset"] else "peak RSS of the whole process (ru_maxrss), loading included"
+    )
     return DynamicMemory(
-        peak_bytes=measured["peak_rss_bytes"] - measured["baseline_rss_bytes"],
-        baseline_bytes=measured["baseline_rss_bytes"],
-        method="fresh process: resource.getrusage(RUSAGE_SELF).ru_maxrss (peak RSS) after loading the model and "
-        "answering the set at the evaluation batch size, minus psutil RSS after imports, before loading (baseline_bytes)",
+        peak_bytes=measured["answer_peak_rss"] - baseline, baseline_bytes=baseline,
+        load_peak_bytes=measured["load_peak_rss"] - baseline, after_load_bytes=measured["after_load_rss"] - baseline,
+        method=f"fresh process answering the set at the evaluation batch size: {window}, minus the RSS after "
+        "imports and before loading (baseline_bytes); weights included",
     )
 
 
