@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import typer
@@ -34,8 +35,19 @@ for module in (data, score, finetune, evaluate, quantize, judge, report, serve, 
     module.register(app)
 
 
+def _quiet_torchao_import() -> None:
+    """With torchao installed (an optional quantization backend), every transformers model import loads it, and
+    on a CPU torch it logs that its CUDA-only kernels (_C_mxfp8, _C_cutlass_90a) failed to load and that it
+    registers Enums the deprecated way. Neither matters to tinymed: drop those two messages."""
+    logging.getLogger("torchao").addFilter(lambda record: not record.getMessage().startswith("Failed to load"))
+    logging.getLogger("torch.utils._pytree").addFilter(
+        lambda record: "register_constant() on Enum subclasses" not in record.getMessage()
+    )
+
+
 def main() -> None:
     # Our own progress bars are the ones to watch; keep library bars and chatter out of the terminal.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _quiet_torchao_import()
     app()

@@ -25,7 +25,12 @@ def register(app: typer.Typer) -> None:
     @app.command("quantize")
     def quantize(
         model: str = typer.Option(..., "--model", help="Full-precision checkpoint folder or Hub id."),
-        method: str = typer.Option(..., "--method", help="torch-int8 (CPU), bnb-int8, bnb-nf4 (CUDA and CPU)."),
+        method: str = typer.Option(
+            ...,
+            "--method",
+            help="torch-int8 (CPU); bnb-int8, bnb-nf4 (CUDA, CPU); quanto-int8, quanto-int4, torchao-int8 "
+            "(CUDA, CPU; pip install 'tinymed[extra-backends]').",
+        ),
         out: Path | None = typer.Option(None, "--out", help="Output folder (default: MODEL-METHOD beside the model)."),
         projector: bool = typer.Option(False, "--projector/--no-projector", help="Also quantize the projector."),
         vision: bool = typer.Option(False, "--vision/--no-vision", help="Also quantize the vision tower."),

@@ -1,5 +1,6 @@
-"""Quantize stage: a registry of backends (bitsandbytes int8/NF4, PyTorch dynamic int8), a saved form
-that reloads, static-memory accounting, and the one loader later stages call (`load_for_inference`)."""
+"""Quantize stage: a registry of backends (bitsandbytes int8/NF4, PyTorch dynamic int8, and, when the
+`extra-backends` libraries are installed, optimum-quanto int8/int4 and torchao int8), a saved form that
+reloads, static-memory accounting, and the one loader later stages call (`load_for_inference`)."""
 
 from tinymed.quantize.recipe import (
     RECIPE_FILE,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -56,16 +57,92 @@ def load_bnb(path: str | Path, device: str, config: QuantConfig, prequantized: b
     return model.eval()
 
 
+def _plain_model(path: str | Path, device: str, config: QuantConfig):
+    """The full-precision model in the compute dtype on `device`, and the paths of its targeted linears."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(
+        str(path), dtype=compute_dtype(config, device), device_map=device
+    ).eval()
+    return model, linear_names(model, config.prefixes(selected=True))
+
+
 def load_torch_dynamic(path: str | Path, device: str, config: QuantConfig, prequantized: bool):
     """Load fp32 weights and swap the targeted linears for PyTorch dynamic int8 ones (deterministic, so a
     saved recipe re-creates exactly the same quantized weights)."""
     import torch
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
-    from transformers import LlavaForConditionalGeneration
 
     if compute_dtype(config, device) != torch.float32:
         raise ValueError("torch-int8 computes in float32 only; use compute_dtype 'auto' or 'float32'")
-    model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
-    names = linear_names(model, config.prefixes(selected=True))
+    model, names = _plain_model(path, device, config)
     quantize_dynamic(model, {name: default_dynamic_qconfig for name in names}, dtype=torch.qint8, inplace=True)
     return model
+
+
+def _outside_inference_mode(forward):
+    """`forward` run under no_grad instead of inference_mode: quanto's packed int4 weights dequantize into a
+    view that inference mode rejects ("Cannot set version_counter for inference tensor")."""
+    import torch
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return forward(*args, **kwargs)
+        with torch.inference_mode(False), torch.no_grad():
+            return forward(*args, **kwargs)
+
+    return run
+
+
+def load_quanto(path: str | Path, device: str, config: QuantConfig, prequantized: bool):
+    """Load full-precision weights and quantize the targeted linears' weights with optimum-quanto (int8 per
+    output row; int4 in groups of up to 128 with a float scale and shift), frozen; activations stay in the
+    compute dtype. Deterministic, so a saved recipe re-creates exactly the same quantized weights."""
+    from optimum.quanto import freeze, qint4, qint8, quantize
+
+    model, names = _plain_model(path, device, config)
+    quantize(model, weights=qint8 if config.method == "quanto-int8" else qint4, activations=None, include=names)
+    freeze(model)
+    if config.method == "quanto-int4":
+        for name in names:
+            layer = model.get_submodule(name)
+            layer.forward = _outside_inference_mode(layer.forward)
+    return model
+
+
+def load_torchao(path: str | Path, device: str, config: QuantConfig, prequantized: bool):
+    """Load full-precision weights and give the targeted linears torchao int8 weight-only weights (per output
+    row; activations stay in the compute dtype). Deterministic, so a saved recipe re-creates the same weights."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model, names = _plain_model(path, device, config)
+    targets = set(names)
+    # set_inductor_config=False: leave torch.compile's global settings alone (tinymed does not compile).
+    quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=lambda _, fqn: fqn in targets)
+    return model
+
+
+def is_torch_dynamic_layer(module) -> bool:
+    from torch.ao.nn.quantized.dynamic import Linear
+
+    return isinstance(module, Linear)
+
+
+def is_bnb_layer(module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+
+
+def is_quanto_layer(module) -> bool:
+    from optimum.quanto import QModuleMixin
+
+    return isinstance(module, QModuleMixin)
+
+
+def is_torchao_layer(module) -> bool:
+    """torchao keeps the nn.Linear and swaps its weight for a tensor subclass."""
+    from torchao.utils import TorchAOBaseTensor
+
+    return isinstance(getattr(module, "weight", None), TorchAOBaseTensor)

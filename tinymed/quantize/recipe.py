@@ -53,15 +53,13 @@ def read_recipe(path: str | Path) -> QuantResult | None:
 
 def quantized_module_names(model, backend) -> list[str]:
     """Paths of the modules the backend actually replaced with quantized ones."""
-    classes = backend.quantized_classes()
-    return [name for name, m in model.named_modules() if isinstance(m, classes)]
+    return [name for name, m in model.named_modules() if backend.is_quantized(m)]
 
 
 def _versions(backend) -> dict[str, str]:
     from importlib.metadata import version
 
-    libs = ["torch", "transformers"] + (["bitsandbytes"] if backend.library == "bitsandbytes" else [])
-    return {lib: version(lib) for lib in libs}
+    return {lib: version(lib) for lib in dict.fromkeys(["torch", "transformers", backend.library])}
 
 
 def quantize_model(path: str | Path, config: QuantConfig, out_dir: str | Path, device: str = "auto") -> QuantResult:

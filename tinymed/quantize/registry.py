@@ -1,17 +1,23 @@
 """The quantization backends tinymed offers (one explicit dict), what each quantizes, and where it runs.
 
-Which backends are here was decided by measurement on a 2-core AVX2 CPU (see bench/quant_backends.py):
-PyTorch dynamic int8 is the fastest 8-bit CPU path (≈1.8× fp32 decode); bitsandbytes int8/NF4 are the
-paper's FQ8/FQ4 configuration, native on CUDA and slower than fp32 on CPU (kept, with that speed shown);
-NF4 was the fastest 4-bit CPU backend measured (optimum-quanto int4 and hqq 4-bit were slower, torchao
-int4 did not convert on CPU).
+Chosen by measurement on a 2-core AVX2 CPU (bench/quant_backends.py; decode speed vs fp32, same process),
+and the slower ones kept with their speed and accuracy shown rather than hidden:
+- torch-int8 (PyTorch dynamic int8): the fastest 8-bit CPU path, ≈2.5-2.8× fp32; CPU only.
+- bnb-int8 / bnb-nf4 (bitsandbytes): the paper's FQ8/FQ4, native on CUDA; on CPU ≈1.1× / ≈2.2-2.4×,
+  NF4 being the fastest 4-bit backend at the default float32 compute dtype.
+- quanto-int8 / quanto-int4 (optimum-quanto, weights only): at float32 they dequantize on every call
+  (≈0.3× / 0.25×); at compute_dtype bfloat16 int4 runs a packed int4 kernel (≈2.8×) and int8 ≈1.7×.
+- torchao-int8 (torchao int8 weight-only): ≈0.4× at float32, ≈1.3× at bfloat16.
+quanto and torchao are optional (`pip install 'tinymed[extra-backends]'`): a backend whose library is not
+installed is not offered. torchao int4 is absent: it did not convert on CPU.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -32,7 +38,7 @@ ComputeDtype = Literal["auto", "float32", "float16", "bfloat16"]
 class QuantConfig(BaseModel):
     """What to quantize and how. Embeddings are never quantized (no backend here quantizes them)."""
 
-    method: str = Field(description="a key of BACKENDS, e.g. torch-int8, bnb-int8, bnb-nf4")
+    method: str = Field(description="a key of BACKENDS, e.g. torch-int8, bnb-nf4, quanto-int4")
     targets: dict[str, bool] = Field(
         default_factory=lambda: dict(DEFAULT_TARGETS),
         description="which parts' linear layers to quantize: llm, projector, vision, lm_head",
@@ -61,54 +67,72 @@ class Backend:
     """One quantization method: the library behind it, its bit width and the devices it runs on."""
 
     name: str
-    library: str
+    library: str  # the pip distribution behind it
+    module: str  # what must be importable for the backend to be available
     bits: int
     devices: tuple[str, ...]
     serialization: Literal["backend", "recipe"]  # its own save_pretrained, or fp weights + tinymed_quant.json
     description: str
     load: Callable  # (path, device, QuantConfig, prequantized: bool) -> quantized model on `device`
-    quantized_classes: Callable[[], tuple[type, ...]]  # module classes that mark a quantized layer
+    is_quantized: Callable[[Any], bool]  # module -> whether this backend quantized it
+    extra: str | None = None  # the tinymed extra that installs `library`; None: a core dependency
+
+    @property
+    def installed(self) -> bool:
+        try:
+            return importlib.util.find_spec(self.module) is not None
+        except ModuleNotFoundError:  # a missing parent package (e.g. `optimum` for optimum.quanto)
+            return False
+
+    @property
+    def pip_install(self) -> str:
+        return f"pip install 'tinymed[{self.extra}]'" if self.extra else f"pip install {self.library}"
 
 
-def _bnb_classes() -> tuple[type, ...]:
-    import bitsandbytes as bnb
+def _lazy(name: str) -> Callable:
+    """`tinymed.quantize.backends.<name>`, imported at the first call (backends imports this module)."""
 
-    return (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+    def call(*args, **kwargs):
+        from tinymed.quantize import backends
 
+        return getattr(backends, name)(*args, **kwargs)
 
-def _torch_dynamic_classes() -> tuple[type, ...]:
-    from torch.ao.nn.quantized.dynamic import Linear
-
-    return (Linear,)
-
-
-def _load_bnb(*args, **kwargs):
-    from tinymed.quantize.backends import load_bnb
-
-    return load_bnb(*args, **kwargs)
+    return call
 
 
-def _load_torch_dynamic(*args, **kwargs):
-    from tinymed.quantize.backends import load_torch_dynamic
-
-    return load_torch_dynamic(*args, **kwargs)
-
+_EXTRA = "extra-backends"
 
 BACKENDS: dict[str, Backend] = {
     "torch-int8": Backend(
-        name="torch-int8", library="torch.ao.quantization.quantize_dynamic", bits=8, devices=("cpu",),
-        serialization="recipe", load=_load_torch_dynamic, quantized_classes=_torch_dynamic_classes,
+        name="torch-int8", library="torch", module="torch", bits=8, devices=("cpu",),
+        serialization="recipe", load=_lazy("load_torch_dynamic"), is_quantized=_lazy("is_torch_dynamic_layer"),
         description="PyTorch dynamic int8 (int8 weights per tensor, int8 activations quantized per batch); CPU only",
     ),
     "bnb-int8": Backend(
-        name="bnb-int8", library="bitsandbytes", bits=8, devices=("cuda", "cpu"),
-        serialization="backend", load=_load_bnb, quantized_classes=_bnb_classes,
-        description="bitsandbytes LLM.int8() (paper's FQ8); native on CUDA, slower than fp32 on CPU",
+        name="bnb-int8", library="bitsandbytes", module="bitsandbytes", bits=8, devices=("cuda", "cpu"),
+        serialization="backend", load=_lazy("load_bnb"), is_quantized=_lazy("is_bnb_layer"),
+        description="bitsandbytes LLM.int8() (paper's FQ8); native on CUDA, about fp32 speed on CPU",
     ),
     "bnb-nf4": Backend(
-        name="bnb-nf4", library="bitsandbytes", bits=4, devices=("cuda", "cpu"),
-        serialization="backend", load=_load_bnb, quantized_classes=_bnb_classes,
+        name="bnb-nf4", library="bitsandbytes", module="bitsandbytes", bits=4, devices=("cuda", "cpu"),
+        serialization="backend", load=_lazy("load_bnb"), is_quantized=_lazy("is_bnb_layer"),
         description="bitsandbytes NF4 + double quantization (paper's FQ4); native on CUDA, runs on CPU",
+    ),
+    "quanto-int8": Backend(
+        name="quanto-int8", library="optimum-quanto", module="optimum.quanto", bits=8, devices=("cuda", "cpu"),
+        serialization="recipe", load=_lazy("load_quanto"), is_quantized=_lazy("is_quanto_layer"), extra=_EXTRA,
+        description="optimum-quanto int8 weights (per row), activations unquantized",
+    ),
+    "quanto-int4": Backend(
+        name="quanto-int4", library="optimum-quanto", module="optimum.quanto", bits=4, devices=("cuda", "cpu"),
+        serialization="recipe", load=_lazy("load_quanto"), is_quantized=_lazy("is_quanto_layer"), extra=_EXTRA,
+        description="optimum-quanto int4 weights (groups of up to 128, float scale and shift), activations "
+        "unquantized; fast on CPU with compute_dtype bfloat16 (packed int4 kernel), slow at float32",
+    ),
+    "torchao-int8": Backend(
+        name="torchao-int8", library="torchao", module="torchao", bits=8, devices=("cuda", "cpu"),
+        serialization="recipe", load=_lazy("load_torchao"), is_quantized=_lazy("is_torchao_layer"), extra=_EXTRA,
+        description="torchao int8 weight-only (per row), activations unquantized",
     ),
 }
 
@@ -120,8 +144,8 @@ def device_kind(device: str) -> str:
 
 
 def available_methods(device: str) -> list[str]:
-    """Methods that run on `device` ('cpu' or 'cuda[:n]')."""
-    return [name for name, b in BACKENDS.items() if device_kind(device) in b.devices]
+    """Methods that run on `device` ('cpu' or 'cuda[:n]') and whose library is installed."""
+    return [name for name, b in BACKENDS.items() if device_kind(device) in b.devices and b.installed]
 
 
 def get_backend(method: str, device: str) -> Backend:
@@ -129,6 +153,10 @@ def get_backend(method: str, device: str) -> Backend:
     backend = BACKENDS.get(method)
     if backend is None:
         raise ValueError(f"unknown quantization method {method!r}; known: {', '.join(BACKENDS)}")
+    if not backend.installed:
+        raise ValueError(
+            f"quantization method {method!r} needs {backend.library}, not installed: {backend.pip_install}"
+        )
     if device_kind(device) not in backend.devices:
         raise ValueError(
             f"quantization method {method!r} needs {' or '.join(backend.devices)}, not {device!r}; "

@@ -1,10 +1,12 @@
 """Static memory of a model: the bytes its weights and buffers occupy, quantization metadata included.
 
 Counted per tensor: plain tensors as numel × element size; PyTorch quantized tensors as their integer
-data plus scales and zero points; tensor subclasses that expose `__tensor_flatten__` (torchao,
-optimum-quanto) as the sum of their inner tensors; bitsandbytes `Params4bit` / `Int8Params` as the
-packed data plus their quantization state (absmax, code, nested absmax, offset / per-row SCB);
-PyTorch dynamic-int8 linears through their packed (weight, bias). Shared tensors are counted once.
+data plus scales and zero points; tensor subclasses that expose `__tensor_flatten__` as the sum of their
+inner tensors, recursively (torchao `Int8Tensor`: int8 data, scale, zero point; optimum-quanto
+`WeightQBytesTensor`: int8 data, scale; `WeightQBitsTensor`: a `PackedTensor` of two 4-bit values per
+uint8, scale, shift); bitsandbytes `Params4bit` / `Int8Params` as the packed data plus their
+quantization state (absmax, code, nested absmax, offset / per-row SCB); PyTorch dynamic-int8 linears
+through their packed (weight, bias). Shared tensors are counted once.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ def tensor_bytes(t) -> int:
         return 0
     if t.is_quantized:
         return _quantized_bytes(t)
-    if hasattr(t, "__tensor_flatten__") and not isinstance(t, torch.nn.Parameter) and type(t) is not torch.Tensor:
-        names, _ = t.__tensor_flatten__()
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()  # also when wrapped as a Parameter: its type stays the subclass
         return sum(tensor_bytes(getattr(t, n)) for n in names)
     extra = _quant_state_bytes(getattr(t, "quant_state", None))  # bnb Params4bit
     scb = getattr(t, "SCB", None)  # bnb Int8Params: per-row scales
