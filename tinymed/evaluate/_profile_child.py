@@ -2,13 +2,16 @@
 
 Usage: python -m tinymed.evaluate._profile_child CONFIG_JSON RESULT_JSON
 Writes to RESULT_JSON (bytes): baseline_rss (after imports, before loading), load_peak_rss (peak while loading),
-after_load_rss, answer_peak_rss (peak while answering) and `peak_reset`: whether the kernel's peak counter was
-reset between loading and answering (Linux /proc/self/clear_refs "5"); without it answer_peak_rss is the peak
-of the whole process (`ru_maxrss`), loading included.
+after_load_rss (after the loader's freed memory went back to the OS, where glibc allows: `trimmed`),
+answer_peak_rss (peak while answering) and `peak_reset`: whether the kernel's peak counter was reset between
+loading and answering (Linux /proc/self/clear_refs "5"); without it answer_peak_rss is the peak of the whole
+process (`ru_maxrss`), loading included.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import re
 import resource
 import sys
@@ -45,18 +48,33 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def release_freed_memory() -> bool:
+    """Hand memory the loader freed (e.g. fp32 weights replaced by quantized ones) back to the OS, so it is
+    not counted as the answering footprint: glibc's malloc_trim(0). False where there is no glibc."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name or not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL(libc_name).malloc_trim(0)  # returns 1 if it released memory, 0 if there was none to release
+    except (OSError, AttributeError):  # a libc without malloc_trim (e.g. musl)
+        return False
+    return True
+
+
 def main(config_file: str, result_file: str) -> None:
     config = ProfileConfig.model_validate_json(Path(config_file).read_text(encoding="utf-8"))
     images, questions, _ = question_set(config.questions, config.n_questions)
     process = psutil.Process()
     baseline = process.memory_info().rss
     lm = load_for_inference(config.model, device=config.device, quant=config.quant)
-    load_peak, after_load = peak_rss(), process.memory_info().rss
+    load_peak = peak_rss()
+    trimmed = release_freed_memory()
+    after_load = process.memory_info().rss
     reset = reset_peak_rss()
     generate_answers(lm, images, questions, config.max_new_tokens, config.batch_size)
     write_json_atomic(result_file, {
         "baseline_rss": baseline, "load_peak_rss": load_peak, "after_load_rss": after_load,
-        "answer_peak_rss": peak_rss(), "peak_reset": reset,
+        "answer_peak_rss": peak_rss(), "peak_reset": reset, "trimmed": trimmed,
     })
 
 

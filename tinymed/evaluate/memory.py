@@ -5,7 +5,8 @@
 - dynamic: peak memory while answering the question set at the evaluation batch size: on CUDA
   `torch.cuda.max_memory_allocated` after a reset (weights included); on CPU the peak resident set of
   a fresh child process while answering (Linux: the peak counter is reset after loading, so a loader's
-  transient copies are reported apart as load_peak_bytes) minus its resident set after imports;
+  transient copies are reported apart as load_peak_bytes, and glibc's malloc_trim first returns what the
+  loader freed) minus its resident set after imports;
 - speed: time to first token, decode tokens/s and whole-answer latency, medians over `runs` runs after
   `warmup` runs, at batch 1 and at the evaluation batch size, each generating exactly max_new_tokens.
 """
@@ -234,6 +235,8 @@ def cpu_peak_memory(config: ProfileConfig, device: str) -> DynamicMemory:
         "peak RSS (VmHWM) while answering, the counter reset after loading (/proc/self/clear_refs)"
         if measured["peak_reset"] else "peak RSS of the whole process (ru_maxrss), loading included"
     )
+    if measured.get("trimmed"):
+        window += "; memory the loader freed returned to the OS first (malloc_trim)"
     return DynamicMemory(
         peak_bytes=measured["answer_peak_rss"] - baseline, baseline_bytes=baseline,
         load_peak_bytes=measured["load_peak_rss"] - baseline, after_load_bytes=measured["after_load_rss"] - baseline,
