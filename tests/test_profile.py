@@ -9,7 +9,7 @@ import platform
 import pytest
 from PIL import Image
 
-from tinymed.evaluate.memory import ProfileConfig, disk_bytes, profile_model, question_set
+from tinymed.evaluate.memory import ProfileConfig, cpu_peak_memory, disk_bytes, profile_model, question_set
 from conftest import save_tiny_model
 from tinymed.quantize import QuantConfig, quantize_model
 
@@ -79,3 +79,17 @@ def test_cuda_requests_fail_clearly_without_a_gpu(tiny_dir):
     result = CliRunner().invoke(app, ["profile", "--model", str(tiny_dir), "--device", "cpu", "--quant", "awq"])
     known = "known: torch-int8, bnb-int8, bnb-nf4, quanto-int8, quanto-int4, torchao-int8"
     assert result.exit_code == 1 and known in " ".join(result.output.split())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.system() != "Linux", reason="the answering-only peak needs Linux's resettable VmHWM")
+def test_8_bit_variants_answer_in_less_memory_than_fp32(tmp_path):
+    """Regression: recipe backends used to keep the memory-mapped fp32 checkpoint resident after quantizing,
+    so an 8-bit model answered in more resident memory than the fp32 one. Weights dominate here (~70 MiB)."""
+    model = save_tiny_model(tmp_path / "m", TEXTS, text_layers=6, text_hidden=768, vocab_size=2000)
+    config = ProfileConfig(model=str(model), device="cpu", n_questions=2, batch_size=2, max_new_tokens=4, runs=1)
+    fp32 = cpu_peak_memory(config, "cpu")
+    for method in ("torch-int8", "quanto-int8"):
+        int8 = cpu_peak_memory(config.model_copy(update={"quant": method}), "cpu")
+        assert int8.peak_bytes < fp32.peak_bytes, (method, int8.peak_bytes, fp32.peak_bytes)
+        assert int8.after_load_bytes < 0.6 * fp32.peak_bytes, (method, int8.after_load_bytes)

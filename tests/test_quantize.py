@@ -17,7 +17,7 @@ from tinymed.quantize import (
     RECIPE_FILE,
     QuantConfig,
     available_methods,
-    default_demo_methods,
+    default_demo_quant,
     get_backend,
     load_for_inference,
     module_bytes,
@@ -57,12 +57,16 @@ def _llm_linears(model) -> list[str]:
     return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n.startswith("model.language_model.")]
 
 
-def test_registry_lists_backends_and_devices():
+def test_registry_lists_backends_and_devices(monkeypatch):
     assert list(BACKENDS) == METHODS
     assert {b.bits for b in BACKENDS.values()} == {8, 4}
     assert available_methods("cpu") == METHODS
     assert available_methods("cuda:0") == METHODS[1:]
-    assert default_demo_methods("cpu") == ["torch-int8", "bnb-nf4"]
+    assert default_demo_quant("cpu") == [
+        QuantConfig(method="torch-int8"), QuantConfig(method="quanto-int4", compute_dtype="bfloat16")
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the CUDA choice, without a GPU
+    assert [q.method for q in default_demo_quant("cuda")] == ["bnb-int8", "bnb-nf4"]
 
 
 def test_unsupported_method_or_device_lists_what_is_available():
@@ -79,6 +83,7 @@ def test_backends_whose_library_is_missing_are_not_offered(tiny_dir, monkeypatch
     monkeypatch.setitem(sys.modules, "optimum", None)  # as if optimum-quanto were not installed
     monkeypatch.setitem(sys.modules, "torchao", None)
     assert available_methods("cpu") == CORE_METHODS
+    assert [q.method for q in default_demo_quant("cpu")] == ["torch-int8", "bnb-nf4"]  # the 4-bit fallback
     pip = r"not installed: pip install 'tinymed\[extra-backends\]'"
     with pytest.raises(ValueError, match=f"'quanto-int4' needs optimum-quanto, {pip}"):
         get_backend("quanto-int4", "cpu")
@@ -162,6 +167,9 @@ def test_quanto_int4_in_bfloat16_reloads_and_answers(tiny_dir, tmp_path):
     assert result.quantized_layer_ratio <= MAX_RATIO[4]
     first, second = (load_for_inference(result.out_dir, device="cpu") for _ in range(2))
     torch.testing.assert_close(_logits(second), _logits(first), rtol=0, atol=0)
+    on_the_fly = load_for_inference(tiny_dir, device="cpu", quant=config)  # a full config, not just a method name
+    assert on_the_fly.model.dtype == torch.bfloat16
+    torch.testing.assert_close(_logits(on_the_fly), _logits(first), rtol=0, atol=0)
     assert len(generate_answers(first, _images(2), QUESTIONS[:2], max_new_tokens=3)) == 2
 
 

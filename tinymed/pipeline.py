@@ -30,7 +30,7 @@ from tinymed.evaluate.memory import ProfileConfig, profile_model
 from tinymed.evaluate.metrics import score_predictions
 from tinymed.evaluate.runner import EvalConfig, evaluate, prediction_record
 from tinymed.io import read_jsonl, write_json_atomic, write_jsonl_atomic
-from tinymed.quantize import QuantConfig, default_demo_methods, quantize_model
+from tinymed.quantize import QuantConfig, default_demo_quant, quantize_model
 from tinymed.train import DatasetSpec, FinetuneConfig, demo_stages, finetune
 
 # progress(description) → a context manager yielding update(done, total)
@@ -89,9 +89,10 @@ def run_demo(config: DemoConfig, progress: ProgressFactory = _no_progress, say=p
     ))
     variants = {"fp32": ("none", trained.model_dir)}
     say("3/6 quantize")
-    for method in config.quant_methods or default_demo_methods():
-        result = quantize_model(trained.model_dir, QuantConfig(method=method), out / "variants" / method / "model")
-        variants[method] = (method, result.out_dir)
+    quant_configs = [QuantConfig(method=m) for m in config.quant_methods or []] or default_demo_quant(config.device)
+    for quant in quant_configs:
+        result = quantize_model(trained.model_dir, quant, out / "variants" / quant.method / "model", config.device)
+        variants[quant.method] = (quant.method, result.out_dir)
     say("4/6 evaluate every variant + the question-only baseline")
     pooled: dict[str, list[dict]] = {"model": [], "baseline": []}
     for name, (quant, model_dir) in variants.items():

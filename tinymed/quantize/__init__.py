@@ -16,7 +16,7 @@ from tinymed.quantize.registry import (
     Backend,
     QuantConfig,
     available_methods,
-    default_demo_methods,
+    default_demo_quant,
     get_backend,
 )
 from tinymed.quantize.sizes import fp32_linear_bytes, module_bytes, modules_bytes, tensor_bytes
@@ -29,7 +29,7 @@ __all__ = [
     "QuantConfig",
     "QuantResult",
     "available_methods",
-    "default_demo_methods",
+    "default_demo_quant",
     "fp32_linear_bytes",
     "get_backend",
     "load_for_inference",

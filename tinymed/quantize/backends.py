@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from pathlib import Path
 
@@ -67,6 +68,19 @@ def _plain_model(path: str | Path, device: str, config: QuantConfig):
     return model, linear_names(model, config.prefixes(selected=True))
 
 
+def _off_the_checkpoint(model):
+    """Copy the plain tensors still backed by the memory-mapped checkpoint into the process's own memory, so
+    that the mapping, and with it the full-precision pages read while quantizing (all counted as resident
+    memory), is released once loading ends. Quantized weights are fresh tensors already: left alone."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+    return model
+
+
 def load_torch_dynamic(path: str | Path, device: str, config: QuantConfig, prequantized: bool):
     """Load fp32 weights and swap the targeted linears for PyTorch dynamic int8 ones (deterministic, so a
     saved recipe re-creates exactly the same quantized weights)."""
@@ -77,7 +91,7 @@ def load_torch_dynamic(path: str | Path, device: str, config: QuantConfig, prequ
         raise ValueError("torch-int8 computes in float32 only; use compute_dtype 'auto' or 'float32'")
     model, names = _plain_model(path, device, config)
     quantize_dynamic(model, {name: default_dynamic_qconfig for name in names}, dtype=torch.qint8, inplace=True)
-    return model
+    return _off_the_checkpoint(model)
 
 
 def _outside_inference_mode(forward):
@@ -108,7 +122,7 @@ def load_quanto(path: str | Path, device: str, config: QuantConfig, prequantized
         for name in names:
             layer = model.get_submodule(name)
             layer.forward = _outside_inference_mode(layer.forward)
-    return model
+    return _off_the_checkpoint(model)
 
 
 def load_torchao(path: str | Path, device: str, config: QuantConfig, prequantized: bool):
@@ -120,7 +134,7 @@ def load_torchao(path: str | Path, device: str, config: QuantConfig, prequantize
     targets = set(names)
     # set_inductor_config=False: leave torch.compile's global settings alone (tinymed does not compile).
     quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=lambda _, fqn: fqn in targets)
-    return model
+    return _off_the_checkpoint(model)
 
 
 def is_torch_dynamic_layer(module) -> bool:

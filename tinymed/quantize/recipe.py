@@ -8,6 +8,7 @@ their sizes.
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -89,19 +90,26 @@ def quantize_model(path: str | Path, config: QuantConfig, out_dir: str | Path, d
     return result
 
 
-def load_for_inference(path_or_id: str | Path, device: str = "auto", quant: str | None = None) -> LoadedModel:
+def load_for_inference(
+    path_or_id: str | Path, device: str = "auto", quant: str | QuantConfig | None = None
+) -> LoadedModel:
     """Load a plain checkpoint, a tinymed-quantized folder (its recipe decides), or a plain checkpoint
-    quantized on the fly with method `quant`. `LoadedModel.quant` names the method ('none' if none)."""
+    quantized on the fly with `quant` (a method name, or a full QuantConfig). `LoadedModel.quant` names
+    the method ('none' if none)."""
     device = resolve_device(device)
     recipe = read_recipe(path_or_id) if Path(str(path_or_id)).is_dir() else None
-    quant = None if quant in NO_QUANT else quant
-    if recipe and quant and quant != recipe.method:
-        raise ValueError(f"{path_or_id} is already quantized with {recipe.method!r}; cannot apply {quant!r} on top")
+    if isinstance(quant, str):
+        quant = None if quant in NO_QUANT else QuantConfig(method=quant)
+    if recipe and quant and quant.method != recipe.method:
+        raise ValueError(
+            f"{path_or_id} is already quantized with {recipe.method!r}; cannot apply {quant.method!r} on top"
+        )
     if recipe is None and quant is None:
         return load_model(path_or_id, device=device)
-    config = recipe.config if recipe else QuantConfig(method=quant)
+    config = recipe.config if recipe else quant
     backend = get_backend(config.method, device)
     prequantized = recipe is not None and recipe.serialization == "backend"
     model = backend.load(path_or_id, device, config, prequantized=prequantized)
+    gc.collect()  # the replaced full-precision layers can sit in reference cycles: free them now
     name = Path(str(path_or_id)).name or str(path_or_id)
     return LoadedModel(model=model, processor=load_processor(path_or_id), device=device, name=name, quant=config.method)

@@ -165,8 +165,16 @@ def get_backend(method: str, device: str) -> Backend:
     return backend
 
 
-def default_demo_methods(device: str = "auto") -> list[str]:
-    """The FQ8 and FQ4 variants: the fastest measured 8-bit and 4-bit backends for the device."""
+def default_demo_quant(device: str = "auto") -> list[QuantConfig]:
+    """The FQ8 and FQ4 variants: the paper's bitsandbytes pair on CUDA; on CPU the fastest 8-bit and 4-bit
+    backends measured (bench/quant_backends.py): torch-int8, and quanto-int4 computing in bfloat16 where
+    optimum-quanto is installed, else bnb-nf4."""
     from tinymed.models import resolve_device
 
-    return ["bnb-int8", "bnb-nf4"] if device_kind(resolve_device(device)) == "cuda" else ["torch-int8", "bnb-nf4"]
+    if device_kind(resolve_device(device)) == "cuda":
+        return [QuantConfig(method="bnb-int8"), QuantConfig(method="bnb-nf4")]
+    four_bit = (
+        QuantConfig(method="quanto-int4", compute_dtype="bfloat16")
+        if BACKENDS["quanto-int4"].installed else QuantConfig(method="bnb-nf4")
+    )
+    return [QuantConfig(method="torch-int8"), four_bit]
