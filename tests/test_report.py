@@ -233,6 +233,17 @@ def test_report_without_judge_results_has_no_judge_table(tmp_path):
     assert "Synthetic Closed" in text and result.front == ["a"]
 
 
+def test_report_checks_quantized_layer_sizes_against_the_bit_width_targets(tmp_path):
+    for name, quant, ratio in [("q8", "torch-int8", 0.25), ("q4", "bnb-nf4", 0.133), ("fat4", "quanto-int4", 0.26)]:
+        prof = profile(10, 20)
+        prof["static"]["quantized_layer_ratio"] = ratio
+        make_variant(tmp_path / "v", name, quant, {"synthetic": 50.0}, prof)
+    make_variant(tmp_path / "v", "fp32", None, {"synthetic": 50.0}, profile(40, 60))
+    text = (build_report(ReportConfig(run_dirs=[tmp_path / "v"], out_dir=tmp_path / "r")).out_dir / "report.md").read_text()
+    assert ("fraction of the same layers in fp32 (targets: 8-bit ≤ 30%, 4-bit ≤ 20%): fat4 (4-bit) 26.0% (NOT met); "
+            "q4 (4-bit) 13.3% (met); q8 (8-bit) 25.0% (met).") in text
+
+
 def test_report_html_is_self_contained_and_embeds_the_plot(built):
     html = (built.out_dir / "report.html").read_text()
     assert not re.search(r"https?://", html)

@@ -14,6 +14,7 @@ from tinymed.analysis.plot import MIB, PlotPoint, plot_pareto
 from tinymed.evaluate.judge.summary import GROUP_LABELS
 from tinymed.evaluate.metrics import CLOSED_LLAVA_MED, CLOSED_STRICT, OPEN_LLAVA_MED, OPEN_STRICT
 from tinymed.io import write_json_atomic, write_text_atomic
+from tinymed.quantize import BACKENDS, LAYER_SIZE_TARGETS
 
 ACCURACY_METRICS = tuple([f"llava_med.{key}" for key in OPEN_LLAVA_MED + CLOSED_LLAVA_MED]
                          + [f"strict.{key}" for key in OPEN_STRICT + CLOSED_STRICT])  # fmt: skip
@@ -148,11 +149,27 @@ def _memory_table(variants: list[Variant], points: list[VariantPoint], config: R
     caption = (f"Static = weights and buffers in memory (method: {_methods(variants, 'static')}); "
                f"Dynamic = peak memory while generating (method: {_methods(variants, 'dynamic')}); MiB = 2^20 bytes. "
                "Latency, decode tokens/s and time to first token at batch size 1. Quantized-layer ratio = size of the "
-               f"quantized layers / their original size. Accuracy = mean over evaluated datasets of "
+               f"quantized layers / their fp32 size. Accuracy = mean over evaluated datasets of "
                f"{metric_label(config.accuracy)}. Front: non-dominated for ({config.memory} memory ↓, accuracy ↑).")
     header = ["Variant", "Quant", "Device", "Static (MiB)", "Dynamic peak (MiB)", "Latency (ms)", "Decode tokens/s",
               "TTFT (ms)", "Quantized-layer ratio", "Accuracy (%)", "Pareto front"]
     return Table(title="Memory and speed (ours)", caption=caption, header=header, rows=rows)
+
+
+def _size_check(variants: list[Variant]) -> Paragraph | None:
+    """Each quantized variant's layer-size ratio against the target for its bit width (known backends only)."""
+    checks = []
+    for v in variants:
+        backend, ratio = BACKENDS.get(v.quant or ""), v.quantized_layer_ratio
+        if backend is None or ratio is None:
+            continue
+        target = LAYER_SIZE_TARGETS[backend.bits]
+        checks.append(f"{v.name} ({backend.bits}-bit) {ratio:.1%} ({'met' if ratio <= target else 'NOT met'})")
+    if not checks:
+        return None
+    targets = ", ".join(f"{bits}-bit ≤ {t:.0%}" for bits, t in LAYER_SIZE_TARGETS.items())
+    return Paragraph(f"Quantized layers' size as a fraction of the same layers in fp32 (targets: {targets}): "
+                     + "; ".join(checks) + ".")
 
 
 def _plot_all(variants: list[Variant], config: ReportConfig, datasets: list[str]) -> dict[str, list[Path]]:
@@ -190,8 +207,9 @@ def _blocks(variants: list[Variant], points: list[VariantPoint], config: ReportC
     ]
     if any(v.judge for v in variants):
         blocks += [Heading("LLM-as-judge"), _judge_table(variants)]
-    blocks += [Heading("Memory and speed"), _memory_table(variants, points, config),
-               Heading("Pareto front"), Image(plots["mean"][0], "Pareto front, mean accuracy")]
+    blocks += [Heading("Memory and speed"), _memory_table(variants, points, config)]
+    blocks += [check for check in [_size_check(variants)] if check]
+    blocks += [Heading("Pareto front"), Image(plots["mean"][0], "Pareto front, mean accuracy")]
     blocks += [Image(plots[d][0], f"Pareto front, {dataset_label(d)}") for d in datasets]
     blocks += quoted_section({d: dataset_label(d) for d in DATASET_LABELS}, GROUP_LABELS)
     gaps = [f"{p.name}: {gap}" for p in points for gap in p.gaps]

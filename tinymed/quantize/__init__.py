@@ -13,6 +13,7 @@ from tinymed.quantize.recipe import (
 from tinymed.quantize.registry import (
     BACKENDS,
     DEFAULT_TARGETS,
+    LAYER_SIZE_TARGETS,
     Backend,
     QuantConfig,
     available_methods,
@@ -24,6 +25,7 @@ from tinymed.quantize.sizes import fp32_linear_bytes, module_bytes, modules_byte
 __all__ = [
     "BACKENDS",
     "DEFAULT_TARGETS",
+    "LAYER_SIZE_TARGETS",
     "RECIPE_FILE",
     "Backend",
     "QuantConfig",

@@ -1,13 +1,13 @@
 """The quantization backends tinymed offers (one explicit dict), what each quantizes, and where it runs.
 
-Chosen by measurement on a 2-core AVX2 CPU (bench/quant_backends.py; decode speed vs fp32, same process),
-and the slower ones kept with their speed and accuracy shown rather than hidden:
-- torch-int8 (PyTorch dynamic int8): the fastest 8-bit CPU path, ≈2.5-2.8× fp32; CPU only.
-- bnb-int8 / bnb-nf4 (bitsandbytes): the paper's FQ8/FQ4, native on CUDA; on CPU ≈1.1× / ≈2.2-2.4×,
-  NF4 being the fastest 4-bit backend at the default float32 compute dtype.
+Chosen by measurement on a 2-core AVX2 CPU (bench/quant_backends.py, 2026-12-02; decode speed vs fp32 in
+the same process), and the slower ones kept with their speed and accuracy shown rather than hidden:
+- torch-int8 (PyTorch dynamic int8): the fastest 8-bit CPU path, ≈2× fp32; CPU only, float32 compute.
+- bnb-int8 / bnb-nf4 (bitsandbytes): the paper's FQ8/FQ4, native on CUDA; ≈0.5× fp32 on this CPU (an
+  earlier VM of the same kind measured 0.9-1.1× / 1.8-2.2×: their CPU kernels vary most between hosts).
 - quanto-int8 / quanto-int4 (optimum-quanto, weights only): at float32 they dequantize on every call
-  (≈0.3× / 0.25×); at compute_dtype bfloat16 int4 runs a packed int4 kernel (≈2.8×) and int8 ≈1.7×.
-- torchao-int8 (torchao int8 weight-only): ≈0.4× at float32, ≈1.3× at bfloat16.
+  (≈0.4×); at compute_dtype bfloat16 int4 runs a packed int4 kernel (≈1.8×, the fastest 4-bit) and int8 ≈1.3×.
+- torchao-int8 (torchao int8 weight-only): ≈0.6× at float32, ≈1.1× at bfloat16.
 quanto and torchao are optional (`pip install 'tinymed[extra-backends]'`): a backend whose library is not
 installed is not offered. torchao int4 is absent: it did not convert on CPU.
 """
@@ -137,6 +137,9 @@ BACKENDS: dict[str, Backend] = {
 }
 
 NO_QUANT = ("none", "")
+# The most a quantized layer may weigh, as a fraction of the same layer in fp32, per bit width (scales and
+# zero points included): tinymed's acceptance targets for FQ8 / FQ4, checked in every report.
+LAYER_SIZE_TARGETS = {8: 0.30, 4: 0.20}
 
 
 def device_kind(device: str) -> str:
