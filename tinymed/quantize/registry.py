@@ -9,7 +9,8 @@ the same process), and the slower ones kept with their speed and accuracy shown 
   (≈0.4×); at compute_dtype bfloat16 int4 runs a packed int4 kernel (≈1.8×, the fastest 4-bit) and int8 ≈1.3×.
 - torchao-int8 (torchao int8 weight-only): ≈0.6× at float32, ≈1.1× at bfloat16.
 quanto and torchao are optional (`pip install 'tinymed[extra-backends]'`): a backend whose library is not
-installed is not offered. torchao int4 is absent: it did not convert on CPU.
+installed is not offered. torchao int4 is absent: with torchao 0.18 on CPU its default format needs the
+`mslk` package and its plain_int32 format does not support CPU (re-checked 2026-12-02).
 """
 
 from __future__ import annotations
