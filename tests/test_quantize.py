@@ -23,6 +23,7 @@ from tinymed.quantize import (
     module_bytes,
     quantize_model,
     quantized_module_names,
+    read_recipe,
 )
 
 TEXTS = ["is there a lesion in the left lung? yes no", "what modality is this? ct mri x-ray axial"] * 40
@@ -74,8 +75,8 @@ def test_unsupported_method_or_device_lists_what_is_available():
         get_backend("torch-int8", "cuda")
     with pytest.raises(ValueError, match="unknown quantization method 'gptq'; known: torch-int8, bnb-int8, bnb-nf4, qu"):
         get_backend("gptq", "cpu")
-    with pytest.raises(ValueError, match="unknown quantization targets"):
-        QuantConfig(method="bnb-nf4", targets={"embeddings": True})
+    with pytest.raises(ValueError, match=r"unknown quantization targets \['tokenizer'\]"):
+        QuantConfig(method="bnb-nf4", targets={"tokenizer": True})
 
 
 def test_backends_whose_library_is_missing_are_not_offered(tiny_dir, monkeypatch):
@@ -118,6 +119,23 @@ def test_projector_and_lm_head_are_quantized_when_asked(tiny_dir, tmp_path, meth
     config = QuantConfig(method=method, targets={"llm": False, "projector": True, "lm_head": True})
     result = quantize_model(tiny_dir, config, tmp_path / method, device="cpu")
     assert result.quantized_modules == ["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2", "lm_head"]
+
+
+def test_embeddings_are_quantized_when_asked_by_a_backend_that_can(tiny_dir, tmp_path):
+    config = QuantConfig(method="torch-int8", targets={"llm": False, "embeddings": True})
+    result = quantize_model(tiny_dir, config, tmp_path / "e", device="cpu")
+    assert result.quantized_modules == ["model.language_model.embed_tokens"]
+    embedding = load_for_inference(tiny_dir, device="cpu").model.get_input_embeddings()
+    rows, dim = embedding.weight.shape  # uint8 per value + a float32 scale and offset per row
+    assert result.quantized_layer_bytes_after == rows * dim + 8 * rows
+    assert result.quantized_layer_bytes_fp32 == 4 * rows * dim
+    fresh, reloaded = load_for_inference(tiny_dir, device="cpu", quant=config), load_for_inference(result.out_dir, device="cpu")
+    assert isinstance(reloaded.model.get_input_embeddings(), torch.ao.nn.quantized.Embedding)
+    torch.testing.assert_close(_logits(reloaded), _logits(fresh), rtol=0, atol=0)
+    reference = _logits(load_for_inference(tiny_dir, device="cpu"))
+    assert (_logits(reloaded) - reference).norm() / reference.norm() < 0.05
+    with pytest.raises(ValueError, match="bnb-nf4 does not quantize embeddings; methods that do: torch-int8"):
+        quantize_model(tiny_dir, config.model_copy(update={"method": "bnb-nf4"}), tmp_path / "nf4", device="cpu")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -187,7 +205,9 @@ def test_quantized_logits_stay_close_to_fp32(tiny_dir, quantized, method, max_re
 def test_recipe_records_what_was_done(quantized):
     recipe = json.loads((quantized["torch-int8"].out_dir / RECIPE_FILE).read_text())
     assert recipe["method"] == "torch-int8" and recipe["serialization"] == "recipe"
-    assert recipe["config"]["targets"] == {"llm": True, "projector": False, "vision": False, "lm_head": False}
+    assert recipe["config"]["targets"] == {
+        "llm": True, "projector": False, "vision": False, "lm_head": False, "embeddings": False
+    }
     assert len(recipe["quantized_modules"]) == 14 and "torch" in recipe["versions"]
     assert json.loads((quantized["bnb-nf4"].out_dir / RECIPE_FILE).read_text())["serialization"] == "backend"
     quanto = json.loads((quantized["quanto-int4"].out_dir / RECIPE_FILE).read_text())
@@ -210,10 +230,14 @@ def test_cli_quantize_writes_a_reloadable_folder(tiny_dir, tmp_path):
     from tinymed.cli import app
 
     out = tmp_path / "q"
-    result = CliRunner().invoke(app, ["quantize", "--model", str(tiny_dir), "--method", "torch-int8", "--out", str(out), "--device", "cpu"])
+    args = ["quantize", "--model", str(tiny_dir), "--method", "torch-int8", "--out", str(out), "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--embeddings"])
     assert result.exit_code == 0, result.output
-    assert "14 layers quantized" in result.output
+    assert "15 layers quantized" in result.output  # 14 LLM linears + the token embedding
     assert load_for_inference(out, device="cpu").quant == "torch-int8"
+    assert read_recipe(out).config.targets["embeddings"] is True
+    no_embeddings = CliRunner().invoke(app, [*args[:4], "bnb-nf4", *args[5:], "--embeddings"])
+    assert no_embeddings.exit_code == 1 and "bnb-nf4 does not quantize embeddings" in no_embeddings.output
     bad = CliRunner().invoke(app, ["quantize", "--model", str(tiny_dir), "--method", "torch-int8", "--device", "cuda"])
     assert bad.exit_code == 1
 

@@ -35,6 +35,9 @@ def register(app: typer.Typer) -> None:
         projector: bool = typer.Option(False, "--projector/--no-projector", help="Also quantize the projector."),
         vision: bool = typer.Option(False, "--vision/--no-vision", help="Also quantize the vision tower."),
         lm_head: bool = typer.Option(False, "--lm-head/--no-lm-head", help="Also quantize lm_head."),
+        embeddings: bool = typer.Option(
+            False, "--embeddings/--no-embeddings", help="Also quantize the LLM's token embedding (torch-int8 only)."
+        ),
         llm: bool = typer.Option(True, "--llm/--no-llm", help="Quantize the LLM's linear layers (default)."),
         compute_dtype: str = typer.Option("auto", "--compute-dtype", help="auto, float32, float16 or bfloat16."),
         device: str = typer.Option("auto", "--device", help="Where to quantize: cpu, cuda or auto."),
@@ -46,7 +49,8 @@ def register(app: typer.Typer) -> None:
         try:
             config = QuantConfig(
                 method=method, compute_dtype=compute_dtype,
-                targets={"llm": llm, "projector": projector, "vision": vision, "lm_head": lm_head},
+                targets={"llm": llm, "projector": projector, "vision": vision, "lm_head": lm_head,
+                         "embeddings": embeddings},
             )
             result = quantize_model(model, config, out, device=device)
         except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from tinymed.models import default_dtype
-from tinymed.quantize.registry import QuantConfig
+from tinymed.quantize.registry import TARGET_PREFIXES, QuantConfig
 
 
 def compute_dtype(config: QuantConfig, device: str):
@@ -18,15 +18,16 @@ def compute_dtype(config: QuantConfig, device: str):
     return default_dtype(device) if config.compute_dtype == "auto" else getattr(torch, config.compute_dtype)
 
 
-def linear_names(model, prefixes: list[str]) -> list[str]:
-    """Paths of the plain `nn.Linear` layers under any of `prefixes` (subclasses such as
-    nn.MultiheadAttention's out_proj are left alone: their owners read `.weight` directly)."""
+def layer_names(model, prefixes: list[str], kind=None) -> list[str]:
+    """Paths of the layers of exactly type `kind` (default `nn.Linear`: subclasses such as
+    nn.MultiheadAttention's out_proj are left alone, their owners read `.weight` directly) under `prefixes`."""
     import torch
 
     def under(name: str) -> bool:
         return any(name == p or name.startswith(p + ".") for p in prefixes)
 
-    return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and under(n)]
+    kind = kind or torch.nn.Linear
+    return [n for n, m in model.named_modules() if type(m) is kind and under(n)]
 
 
 def bnb_config(config: QuantConfig, device: str):
@@ -65,7 +66,7 @@ def _plain_model(path: str | Path, device: str, config: QuantConfig):
     model = LlavaForConditionalGeneration.from_pretrained(
         str(path), dtype=compute_dtype(config, device), device_map=device
     ).eval()
-    return model, linear_names(model, config.prefixes(selected=True))
+    return model, layer_names(model, config.prefixes(selected=True))
 
 
 def _off_the_checkpoint(model):
@@ -85,12 +86,16 @@ def load_torch_dynamic(path: str | Path, device: str, config: QuantConfig, prequ
     """Load fp32 weights and swap the targeted linears for PyTorch dynamic int8 ones (deterministic, so a
     saved recipe re-creates exactly the same quantized weights)."""
     import torch
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+    from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig, quantize_dynamic
 
     if compute_dtype(config, device) != torch.float32:
         raise ValueError("torch-int8 computes in float32 only; use compute_dtype 'auto' or 'float32'")
     model, names = _plain_model(path, device, config)
-    quantize_dynamic(model, {name: default_dynamic_qconfig for name in names}, dtype=torch.qint8, inplace=True)
+    spec = {name: default_dynamic_qconfig for name in names}
+    if config.targets["embeddings"]:
+        embeddings = layer_names(model, [TARGET_PREFIXES["embeddings"]], torch.nn.Embedding)
+        spec.update({name: float_qparams_weight_only_qconfig for name in embeddings})
+    quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
     return _off_the_checkpoint(model)
 
 
@@ -138,9 +143,10 @@ def load_torchao(path: str | Path, device: str, config: QuantConfig, prequantize
 
 
 def is_torch_dynamic_layer(module) -> bool:
+    from torch.ao.nn.quantized import Embedding
     from torch.ao.nn.quantized.dynamic import Linear
 
-    return isinstance(module, Linear)
+    return isinstance(module, (Linear, Embedding))
 
 
 def is_bnb_layer(module) -> bool:

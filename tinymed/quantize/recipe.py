@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from tinymed.io import write_json_atomic
 from tinymed.models import LoadedModel, load_model, load_processor, resolve_device
-from tinymed.quantize.registry import NO_QUANT, QuantConfig, get_backend
+from tinymed.quantize.registry import NO_QUANT, QuantConfig, check_targets, get_backend
 from tinymed.quantize.sizes import module_bytes, modules_bytes
 
 RECIPE_FILE = "tinymed_quant.json"
@@ -70,6 +70,7 @@ def quantize_model(path: str | Path, config: QuantConfig, out_dir: str | Path, d
 
     device = resolve_device(device)
     backend = get_backend(config.method, device)
+    check_targets(config, backend)
     out_dir = Path(out_dir)
     full = load_model(path, device="cpu", dtype=torch.float32).model
     quantized = backend.load(path, device, config, prequantized=False)
@@ -108,6 +109,7 @@ def load_for_inference(
         return load_model(path_or_id, device=device)
     config = recipe.config if recipe else quant
     backend = get_backend(config.method, device)
+    check_targets(config, backend)
     prequantized = recipe is not None and recipe.serialization == "backend"
     model = backend.load(path_or_id, device, config, prequantized=prequantized)
     gc.collect()  # the replaced full-precision layers can sit in reference cycles: free them now

@@ -29,20 +29,22 @@ TARGET_PREFIXES: dict[str, str] = {
     "projector": "model.multi_modal_projector",
     "vision": "model.vision_tower",
     "lm_head": "lm_head",
+    "embeddings": "model.language_model.embed_tokens",  # the LLM's token embedding (not a linear layer)
 }
 
-DEFAULT_TARGETS = {"llm": True, "projector": False, "vision": False, "lm_head": False}
+DEFAULT_TARGETS = {"llm": True, "projector": False, "vision": False, "lm_head": False, "embeddings": False}
 
 ComputeDtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 
 class QuantConfig(BaseModel):
-    """What to quantize and how. Embeddings are never quantized (no backend here quantizes them)."""
+    """What to quantize and how: the linear layers of the targeted parts, and the LLM's token embedding
+    when `embeddings` is on (backends with `quantizes_embeddings` only)."""
 
     method: str = Field(description="a key of BACKENDS, e.g. torch-int8, bnb-nf4, quanto-int4")
     targets: dict[str, bool] = Field(
         default_factory=lambda: dict(DEFAULT_TARGETS),
-        description="which parts' linear layers to quantize: llm, projector, vision, lm_head",
+        description="which parts to quantize: the linears of llm, projector, vision, lm_head; the LLM's embeddings",
     )
     compute_dtype: ComputeDtype = Field(
         "auto", description="dtype of activations / non-quantized weights; auto = float32 on CPU, bf16/fp16 on CUDA"
@@ -77,6 +79,7 @@ class Backend:
     load: Callable  # (path, device, QuantConfig, prequantized: bool) -> quantized model on `device`
     is_quantized: Callable[[Any], bool]  # module -> whether this backend quantized it
     extra: str | None = None  # the tinymed extra that installs `library`; None: a core dependency
+    quantizes_embeddings: bool = False  # whether the `embeddings` target is supported
 
     @property
     def installed(self) -> bool:
@@ -107,7 +110,9 @@ BACKENDS: dict[str, Backend] = {
     "torch-int8": Backend(
         name="torch-int8", library="torch", module="torch", bits=8, devices=("cpu",),
         serialization="recipe", load=_lazy("load_torch_dynamic"), is_quantized=_lazy("is_torch_dynamic_layer"),
-        description="PyTorch dynamic int8 (int8 weights per tensor, int8 activations quantized per batch); CPU only",
+        quantizes_embeddings=True,
+        description="PyTorch dynamic int8 (int8 weights per tensor, int8 activations quantized per batch; "
+        "embeddings: uint8 per row with float scale and offset); CPU only",
     ),
     "bnb-int8": Backend(
         name="bnb-int8", library="bitsandbytes", module="bitsandbytes", bits=8, devices=("cuda", "cpu"),
@@ -167,6 +172,13 @@ def get_backend(method: str, device: str) -> Backend:
             f"available on {device_kind(device)}: {', '.join(available_methods(device))}"
         )
     return backend
+
+
+def check_targets(config: QuantConfig, backend: Backend) -> None:
+    """A clear error when `config` asks `backend` for something it cannot quantize."""
+    if config.targets.get("embeddings") and not backend.quantizes_embeddings:
+        able = [name for name, b in BACKENDS.items() if b.quantizes_embeddings]
+        raise ValueError(f"{backend.name} does not quantize embeddings; methods that do: {', '.join(able)}")
 
 
 def default_demo_quant(device: str = "auto") -> list[QuantConfig]:

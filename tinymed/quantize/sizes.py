@@ -6,7 +6,8 @@ inner tensors, recursively (torchao `Int8Tensor`: int8 data, scale, zero point; 
 `WeightQBytesTensor`: int8 data, scale; `WeightQBitsTensor`: a `PackedTensor` of two 4-bit values per
 uint8, scale, shift); bitsandbytes `Params4bit` / `Int8Params` as the packed data plus their
 quantization state (absmax, code, nested absmax, offset / per-row SCB); PyTorch dynamic-int8 linears
-through their packed (weight, bias). Shared tensors are counted once.
+through their packed (weight, bias), quantized embeddings through their packed weight. Shared tensors are
+counted once.
 """
 
 from __future__ import annotations
@@ -53,13 +54,16 @@ def tensor_bytes(t) -> int:
 
 
 def _module_tensors(module):
-    """The tensors a module holds directly: parameters, buffers, and a dynamic-int8 packed (weight, bias)."""
+    """The tensors a module holds directly: parameters, buffers, and PyTorch-quantized packed weights."""
     yield from module.parameters(recurse=False)
     yield from module.buffers(recurse=False)
+    from torch.ao.nn.quantized.modules.embedding_ops import EmbeddingPackedParams
     from torch.ao.nn.quantized.modules.linear import LinearPackedParams
 
     if isinstance(module, LinearPackedParams):  # dynamic-int8 linears keep (weight, bias) packed here
         yield from module._weight_bias()
+    if isinstance(module, EmbeddingPackedParams):  # quantized embeddings keep their weight packed here
+        yield module._weight()
 
 
 def module_bytes(module) -> int:
