@@ -1,10 +1,11 @@
-"""A served model is scored by exactly the same metrics as a local one, and tinymed's own server can
-be the LLM judge (end to end over real HTTP on loopback)."""
+"""A served model (plain or quantized) is scored by exactly the same metrics as a local one, and tinymed's
+own server can be the LLM judge (end to end over real HTTP on loopback)."""
 
 from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -13,6 +14,7 @@ from tinymed.evaluate.judge import EndpointConfig, JudgeConfig, run_judge
 from tinymed.evaluate.runner import EvalConfig, evaluate
 from tinymed.io import read_jsonl
 from tinymed.models import load_model
+from tinymed.quantize import QuantConfig, load_for_inference, quantize_model
 from tinymed.serve.app import ServeConfig, create_app
 from tinymed.serve.background import BackgroundServer
 
@@ -72,3 +74,19 @@ def test_tinymed_server_as_the_llm_judge(dataset, server, tmp_path):
     assert summary["failures"] == result.summary.failures
     rerun = run_judge(config)  # parsed replies come from the cache; unparsed ones are asked again
     assert rerun.summary.cached >= len(parsed)
+
+
+@pytest.mark.parametrize("method", ["torch-int8", "bnb-nf4"])
+def test_quantized_folder_served_equals_quantized_folder_evaluated(model_dir, dataset, tmp_path, method):
+    folder = quantize_model(model_dir, QuantConfig(method=method), tmp_path / method, device="cpu").out_dir
+    common = dict(dataset="llava-med", path=str(dataset), batch_size=2, max_new_tokens=6, device="cpu")
+    local = evaluate(EvalConfig(model=str(folder), out_dir=tmp_path / "local", **common))
+    lm = load_for_inference(folder, device="cpu")
+    with BackgroundServer(create_app(lm, ServeConfig(model_name="q"))) as server:
+        health = httpx.get(server.url + "/health").json()
+        served = evaluate(EvalConfig(endpoint=server.url + "/v1", model_name="q", out_dir=tmp_path / "served", **common))
+    assert health["quant"] == method
+    assert json.loads((tmp_path / "local" / "eval_config.json").read_text())["quant"] == method
+    assert [r["prediction"] for r in read_jsonl(tmp_path / "local" / "predictions.jsonl")] == \
+        [r["prediction"] for r in read_jsonl(tmp_path / "served" / "predictions.jsonl")]
+    assert local.metrics == served.metrics
