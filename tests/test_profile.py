@@ -93,3 +93,11 @@ def test_8_bit_variants_answer_in_less_memory_than_fp32(tmp_path):
         int8 = cpu_peak_memory(config.model_copy(update={"quant": method}), "cpu")
         assert int8.peak_bytes < fp32.peak_bytes, (method, int8.peak_bytes, fp32.peak_bytes)
         assert int8.after_load_bytes < 0.6 * fp32.peak_bytes, (method, int8.after_load_bytes)
+
+
+def test_peak_memory_child_ignores_modules_in_the_working_directory(tiny_dir, tmp_path, monkeypatch):
+    """The `tinymed` command never imports from the working directory; its measuring child must not either."""
+    (tmp_path / "psutil.py").write_text("raise ImportError('the working directory shadowed psutil')\n")
+    monkeypatch.chdir(tmp_path)
+    config = ProfileConfig(model=str(tiny_dir), device="cpu", **FAST)
+    assert cpu_peak_memory(config, "cpu").peak_bytes > 0

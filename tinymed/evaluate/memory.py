@@ -224,7 +224,9 @@ def cpu_peak_memory(config: ProfileConfig, device: str) -> DynamicMemory:
         config_file, result_file = Path(tmp) / "config.json", Path(tmp) / "result.json"
         config_file.write_text(config.model_copy(update={"device": device}).model_dump_json(), encoding="utf-8")
         proc = subprocess.run(
-            [sys.executable, "-m", "tinymed.evaluate._profile_child", str(config_file), str(result_file)],
+            # -P: like the `tinymed` command itself, do not import from the working directory (a folder there
+            # named like a library, e.g. `datasets/`, would shadow it in the child only).
+            [sys.executable, "-P", "-m", "tinymed.evaluate._profile_child", str(config_file), str(result_file)],
             capture_output=True, text=True,
         )
         if proc.returncode != 0:
