@@ -9,6 +9,8 @@ from pathlib import Path
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from tinymed.data.images import to_model_rgb
+
 
 class AnswerType(str, Enum):
     """OPEN = free-form answer; CLOSED = yes/no or a choice among given options."""
@@ -56,14 +58,14 @@ class MedVQASample(BaseModel):
     image_bytes: bytes | None = Field(default=None, exclude=True, repr=False)
 
     def load_image(self) -> Image.Image:
-        """Decode the image as RGB; raises DataError naming the file when missing or unreadable."""
+        """Decode the image as RGB (`to_model_rgb`: EXIF orientation, 16-bit grey rescaled); raises DataError naming the file when missing or unreadable."""
         try:
             if self.image_bytes is not None:
                 img = Image.open(io.BytesIO(self.image_bytes))
             else:
                 img = Image.open(self.image)
             img.load()
-            return img.convert("RGB")
+            return to_model_rgb(img)
         except FileNotFoundError as exc:
             raise DataError("image file not found", file=self.image, row=self.id) from exc
         except (OSError, ValueError, Image.DecompressionBombError) as exc:

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from tinymed.data.images import stretch_to_uint8, to_model_rgb
+
 # pydicom warns about malformed elements quoting their values (a patient's name among them): silence it.
 warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 logging.getLogger("pydicom").setLevel(logging.CRITICAL)
@@ -117,7 +119,7 @@ def decode_raster(data: bytes, limits: ImageLimits) -> Image.Image:
     _check_pixels(*img.size, limits)
     try:
         img.load()
-        return img.convert("RGB")
+        return to_model_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise ImageError(f"{img.format} image is truncated or corrupt", code="corrupt_image") from None
 
@@ -203,7 +205,7 @@ def _to_rgb8(pixels: np.ndarray, ds, photometric: str) -> np.ndarray:
         return (rgb >> 8).astype(np.uint8) if rgb.dtype.itemsize > 1 else rgb.astype(np.uint8)
     if pixels.ndim == 3:  # RGB (pydicom converts YBR to RGB while decoding)
         bits = int(ds.get("BitsStored", 8) or 8)
-        return _stretch(pixels.astype(np.float64), 0.0, float(2**bits - 1)) if bits != 8 else pixels.astype(np.uint8)
+        return stretch_to_uint8(pixels.astype(np.float64), 0.0, float(2**bits - 1)) if bits != 8 else pixels.astype(np.uint8)
     if not photometric.startswith("MONOCHROME"):
         raise ImageError(f"DICOM photometric interpretation {photometric or '(missing)'} is not supported", 415,
                          "unsupported_photometric_interpretation")
@@ -212,17 +214,10 @@ def _to_rgb8(pixels: np.ndarray, ds, photometric: str) -> np.ndarray:
         low, high = apply_voi_lut(np.array([-(2**40), 2**40], dtype=np.int64), ds).astype(np.float64)
     else:  # no VOI in the file: stretch the modality values' own range
         low, high = values.min(), values.max()
-    grey = _stretch(values, float(low), float(high))
+    grey = stretch_to_uint8(values, float(low), float(high))
     if photometric == "MONOCHROME1":  # MONOCHROME1: low values are white
         grey = 255 - grey
     return np.repeat(grey[..., None], 3, axis=-1)
-
-
-def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Map [low, high] linearly to 0..255 (uint8); a constant image becomes black."""
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return np.clip(np.rint((values - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
 
 
 def png_data_url(image: Image.Image) -> str:

@@ -15,6 +15,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from tinymed.data import DataError, MedVQASample
+from tinymed.data.images import to_model_rgb
 from tinymed.evaluate.judge.client import ChatClient, EndpointConfig, RequestFailed, ResponseCache
 from tinymed.evaluate.judge.protocol import JudgeItem
 from tinymed.evaluate.runner import image_data_url
@@ -74,7 +75,7 @@ def item_image(item: JudgeItem, sample: MedVQASample | None = None) -> Image.Ima
             return sample.load_image()
         if item.image and Path(item.image).is_file():
             with Image.open(item.image) as image:
-                return image.convert("RGB")
+                return to_model_rgb(image)
     except (DataError, OSError):
         return None
     return None
