@@ -6,6 +6,11 @@ Routes: `/` (the page; its scripts and styles come from `/static`, nothing from 
 
 A request without an image is answered with a black image: the LLaVA prompt template always carries
 one, and a black image is the most neutral one (what tinymed does for text-only use, e.g. as a judge).
+
+Hostile input is bounded before it costs anything: body size, JSON types, question and stop-string
+lengths and `max_tokens` are checked first; then the request takes its place in the queue (503 when
+full), and only then is its image decoded (its pixel count read from the header first), a few at a time.
+Every error is an OpenAI error object; every chat completion is audited (`calls.ChatCalls`).
 """
 
 from __future__ import annotations
@@ -13,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -26,20 +31,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinymed.serve import protocol
-from tinymed.serve.audit import AuditLog, AuditRecord
-from tinymed.serve.batching import Batcher, BatchConfig, Delta, Failed, Finished, Job, QueueFull, Started
+from tinymed.serve.audit import AuditLog
+from tinymed.serve.batching import Batcher, BatchConfig, Delta, Failed, Finished, Job, QueueFull
+from tinymed.serve.calls import Call, ChatCalls
 from tinymed.serve.engine import Engine
 from tinymed.serve.images import DecodedImage, ImageError, ImageLimits, decode_data_url, decode_image, png_data_url
+from tinymed.serve.middleware import BodyLimit, LoopbackOnly, SecurityHeaders, error_response
 from tinymed.serve.protocol import ApiError
 from tinymed.serve.security import bearer_matches
 
 STATIC = Path(__file__).parent / "static"
 BLANK_SIZE = 64  # pixels; the processor resizes it anyway
-SECURITY_HEADERS = {
-    "content-security-policy": "default-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'",
-    "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
-}
 
 
 class ServeConfig(BaseModel):
@@ -51,8 +53,10 @@ class ServeConfig(BaseModel):
     batch: BatchConfig = BatchConfig()
     max_body_bytes: int = Field(32 * 2**20, gt=0, description="request body, bytes (base64 adds a third)")
     max_question_chars: int = Field(4000, gt=0)
+    max_stop_chars: int = Field(256, gt=0, description="longest stop string (up to 4 of them)")
     max_tokens_limit: int = Field(512, gt=0, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(128, gt=0)
+    image_decoders: int = Field(2, ge=1, description="images decoded at the same time at most")
     request_timeout_s: float = Field(120.0, gt=0, description="queue wait + generation, seconds")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 when the queue is full")
     audit_db: Path | None = Field(None, description="SQLite file for the audit log (off when None)")
@@ -78,42 +82,10 @@ def memory_in_use(device: str) -> dict:
     return info
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `max_bytes` gets 413, whether announced or streamed."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await _too_large(self.max_bytes)(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise ApiError(413, _too_large_message(self.max_bytes), "request_too_large")
-            return message
-
-        await self.app(scope, counted, send)
-
-
-def _too_large_message(max_bytes: int) -> str:
-    return f"request body exceeds {max_bytes} bytes"
-
-
-def _too_large(max_bytes: int) -> JSONResponse:
-    error = ApiError(413, _too_large_message(max_bytes), "request_too_large")
-    return JSONResponse(error.body(), status_code=413, headers={"connection": "close"})
-
-
-def _validation_error(exc: ValidationError) -> ApiError:
-    first = exc.errors()[0]
+def _validation_error(exc: ValidationError | RequestValidationError) -> ApiError:
+    """The most specific of pydantic's complaints (the deepest location: inside a union, the branch that
+    was meant), as an OpenAI 400 naming the parameter."""
+    first = max(exc.errors(), key=lambda e: len(e["loc"]))
     param = ".".join(str(p) for p in first["loc"]) or None
     return ApiError(400, f"invalid request: {param or 'body'}: {first['msg']}", "invalid_request", param)
 
@@ -122,47 +94,17 @@ def _sse(obj) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-class _Call:
-    """One chat completion in flight: its job, its event queue, and its audit record."""
-
-    def __init__(self, app_state, request_id: str):
-        self.state = app_state
-        self.id = request_id
-        self.question: str | None = None
-        self.stream = False
-        self.t0 = time.perf_counter()
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.audited = False
-
-    def emitter(self):
-        loop = asyncio.get_running_loop()
-
-        def emit(event) -> None:
-            try:
-                loop.call_soon_threadsafe(self.events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (server stopped)
-                pass
-
-        return emit
-
-    async def next_event(self, job: Job):
-        """The next event; a request past its deadline (plus a grace second) is failed here."""
-        remaining = job.deadline - time.monotonic() + 1.0
-        try:
-            return await asyncio.wait_for(self.events.get(), timeout=max(remaining, 0.01))
-        except TimeoutError:
-            job.cancelled.set()
-            return Failed(504, "request timed out", "timeout")
-
-    def audit(self, status: int, prompt_tokens: int | None = None, completion_tokens: int | None = None) -> None:
-        if self.audited or self.state.audit is None:
-            return
-        self.audited = True
-        self.state.audit.record(AuditRecord(
-            request_id=self.id, model=self.state.model_name, quant=self.state.lm.quant, status=status,
-            latency_ms=(time.perf_counter() - self.t0) * 1000, prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens, stream=self.stream, question=self.question,
-        ))
+def _answer_limit(config: ServeConfig, engine: Engine) -> tuple[int, str]:
+    """The largest max_tokens that can succeed, and why it is that: the server's limit, or the model's
+    context less the shortest prompt."""
+    room = engine.answer_room(Image.new("RGB", (BLANK_SIZE, BLANK_SIZE)))
+    if room is not None and room < 1:
+        raise ValueError(f"the model's context of {engine.context_tokens} tokens leaves no room for an answer "
+                         "after the prompt")
+    if room is None or room >= config.max_tokens_limit:
+        return config.max_tokens_limit, "this server allows at most"
+    return room, (f"the model's context of {engine.context_tokens} tokens, less a prompt of at least "
+                  f"{engine.context_tokens - room} tokens (image included), leaves at most")
 
 
 def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
@@ -171,6 +113,9 @@ def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
     batcher = Batcher(engine.run_batch, config.batch)
     audit = AuditLog(config.audit_db, config.audit_questions) if config.audit_db else None
     model_name = config.model_name or lm.name
+    max_tokens_allowed, max_tokens_reason = _answer_limit(config, engine)
+    default_max_tokens = min(config.default_max_tokens, max_tokens_allowed)
+    decoding = asyncio.Semaphore(config.image_decoders)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -183,20 +128,26 @@ def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
     app = FastAPI(title="tinymed", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lm, app.state.batcher, app.state.audit, app.state.model_name = lm, batcher, audit, model_name
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers.update(SECURITY_HEADERS)
-        return response
+    if not config.api_key:
+        app.add_middleware(LoopbackOnly)
+    app.add_middleware(ChatCalls, audit=audit, model=model_name, quant=lm.quant)
+    app.add_middleware(SecurityHeaders)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+        return error_response(ApiError.from_status(exc.status_code, str(exc.detail), exc.headers))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):  # logged by the server with its traceback
+        return error_response(ApiError(500, "internal server error", "internal_error"))
 
     def require_key(request: Request) -> None:
         if config.api_key and not bearer_matches(request.headers.get("authorization"), config.api_key):
@@ -206,20 +157,25 @@ def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
         if image_url is None:
             return DecodedImage(Image.new("RGB", (BLANK_SIZE, BLANK_SIZE)), "no image (black)")
         try:
-            return await run_in_threadpool(decode_data_url, image_url, config.image)
+            async with decoding:
+                return await run_in_threadpool(decode_data_url, image_url, config.image)
         except ImageError as exc:
             raise ApiError(exc.status, str(exc), exc.code, "messages") from None
 
-    def parse(body: bytes) -> protocol.ChatRequest:
+    def parse(request: Request, body: bytes) -> protocol.ChatRequest:
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise ApiError(415, "send the request body as JSON, with Content-Type: application/json",
+                           "unsupported_media_type")
         try:
             return protocol.ChatRequest.model_validate_json(body)
         except ValidationError as exc:
             raise _validation_error(exc) from None
 
     def max_tokens_of(req: protocol.ChatRequest) -> int:
-        wanted = req.max_completion_tokens or req.max_tokens or min(config.default_max_tokens, config.max_tokens_limit)
-        if wanted > config.max_tokens_limit:
-            raise ApiError(400, f"max_tokens is {wanted}; this server allows at most {config.max_tokens_limit}",
+        wanted = req.max_completion_tokens or req.max_tokens or default_max_tokens
+        if wanted > max_tokens_allowed:
+            raise ApiError(400, f"max_tokens is {wanted}; {max_tokens_reason} {max_tokens_allowed}",
                            "max_tokens_too_large", "max_tokens")
         return wanted
 
@@ -238,8 +194,9 @@ def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
                                                          "max_waiting": config.batch.max_queue,
                                                          "max_batch": config.batch.max_batch},
             "auth_required": bool(config.api_key),
-            "limits": {"max_tokens": config.max_tokens_limit, "max_question_chars": config.max_question_chars,
-                       "max_image_bytes": config.image.max_bytes, "max_image_pixels": config.image.max_pixels},
+            "limits": {"max_tokens": max_tokens_allowed, "max_question_chars": config.max_question_chars,
+                       "max_stop_chars": config.max_stop_chars, "max_image_bytes": config.image.max_bytes,
+                       "max_image_pixels": config.image.max_pixels},
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -252,7 +209,8 @@ def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
         """The uploaded file (raw body) decoded as the model will see it, as a PNG data URL."""
         data = await request.body()
         try:
-            decoded = await run_in_threadpool(decode_image, data, config.image, frame)
+            async with decoding:
+                decoded = await run_in_threadpool(decode_image, data, config.image, frame)
         except ImageError as exc:
             raise ApiError(exc.status, str(exc), exc.code, "file") from None
         width, height = decoded.image.size
@@ -261,16 +219,9 @@ def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(request: Request):
-        call = _Call(app.state, f"chatcmpl-{uuid.uuid4().hex}")
-        try:
-            return await answer(call, request)
-        except ApiError as exc:  # every refusal and failure is audited too
-            call.audit(exc.status)
-            raise
-
-    async def answer(call: _Call, request: Request):
-        req = parse(await request.body())
-        call.stream = req.stream
+        call: Call = request.scope["tinymed.call"]
+        req = parse(request, await request.body())
+        call.stream = bool(req.stream)
         if req.model != model_name:
             raise ApiError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
                            "model_not_found", "model")
@@ -278,44 +229,37 @@ def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
         if len(asked.question) > config.max_question_chars:
             raise ApiError(400, f"the question is {len(asked.question)} characters; the limit is "
                                 f"{config.max_question_chars}", "question_too_long", "messages")
-        max_tokens, stops = max_tokens_of(req), req.stop_list()
+        max_tokens, stops = max_tokens_of(req), req.stop_list(config.max_stop_chars)
         call.question = asked.question
-        image = (await decode(asked.image_url)).image
-        job = Job(image=image, question=asked.question, max_tokens=max_tokens, temperature=req.temperature,
-                  stop=stops, deadline=time.monotonic() + config.request_timeout_s, emit=call.emitter())
         try:
-            batcher.submit(job)
+            with batcher.place() as submit:  # a full queue is refused before the image is decoded
+                image = (await decode(asked.image_url)).image
+                job = Job(image=image, question=asked.question, max_tokens=max_tokens,
+                          temperature=req.temperature or 0.0, stop=stops,
+                          deadline=time.monotonic() + config.request_timeout_s, emit=call.emitter())
+                submit(job)
         except QueueFull as exc:
             raise ApiError(503, f"server busy: {exc}; retry shortly", "queue_full",
                            headers={"retry-after": str(config.retry_after_s)}) from None
-        first = await _await_event(call, job, request)
+        call.attach(job, batcher, request.receive)
+        first = await call.next_event()
         if isinstance(first, Failed):
             raise ApiError(first.status, first.message, first.code)
         headers = {"x-request-id": call.id}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(call, job, first, model_name, include_usage),
-                                     media_type="text/event-stream", headers=headers | {"cache-control": "no-cache"})
-        return JSONResponse(await _collect(call, job, first, model_name, request), headers=headers)
+            return StreamingResponse(_stream(call, model_name, include_usage), media_type="text/event-stream",
+                                     headers=headers | {"cache-control": "no-cache"})
+        return JSONResponse(await _collect(call, model_name), headers=headers)
 
     return app
 
 
-async def _await_event(call: _Call, job: Job, request: Request):
-    """Wait (while the request is queued) for the job to start or fail; a client that leaves cancels it."""
-    while True:
-        try:
-            return await asyncio.wait_for(call.next_event(job), timeout=0.5)
-        except TimeoutError:
-            if await request.is_disconnected():
-                job.cancelled.set()
-                raise ApiError(499, "client closed the request", "client_closed") from None
-
-
-async def _collect(call: _Call, job: Job, event, model_name: str, request: Request) -> dict:
+async def _collect(call: Call, model_name: str) -> dict:
     """Wait for the whole answer (non-streaming)."""
+    event = None
     while not isinstance(event, Finished | Failed):
-        event = await _await_event(call, job, request)
+        event = await call.next_event()
     if isinstance(event, Failed):
         raise ApiError(event.status, event.message, event.code)
     call.audit(200, event.prompt_tokens, event.completion_tokens)
@@ -323,29 +267,25 @@ async def _collect(call: _Call, job: Job, event, model_name: str, request: Reque
                                event.completion_tokens)
 
 
-async def _stream(call: _Call, job: Job, first: Started, model_name: str, include_usage: bool):
+async def _stream(call: Call, model_name: str, include_usage: bool):
     """SSE chunks as OpenAI sends them: role, content deltas, finish reason, [usage], [DONE]."""
-    try:
-        yield _sse(protocol.chunk(call.id, model_name, {"role": "assistant", "content": ""}))
-        while True:
-            event = await call.next_event(job)
-            if isinstance(event, Delta):
-                yield _sse(protocol.chunk(call.id, model_name, {"content": event.text}))
-            elif isinstance(event, Finished):
-                yield _sse(protocol.chunk(call.id, model_name, {}, event.finish_reason))
-                if include_usage:
-                    usage = protocol.usage(event.prompt_tokens, event.completion_tokens)
-                    yield _sse(protocol.chunk(call.id, model_name, None, usage_=usage))
-                yield _sse("[DONE]")
-                call.audit(200, event.prompt_tokens, event.completion_tokens)
-                return
-            elif isinstance(event, Failed):
-                yield _sse(ApiError(event.status, event.message, event.code).body())
-                call.audit(event.status)
-                return
-    finally:
-        job.cancelled.set()  # a client that left mid-stream frees its row at the next token
-        call.audit(499)
+    yield _sse(protocol.chunk(call.id, model_name, {"role": "assistant", "content": ""}))
+    while True:
+        event = await call.next_event()
+        if isinstance(event, Delta):
+            yield _sse(protocol.chunk(call.id, model_name, {"content": event.text}))
+        elif isinstance(event, Finished):
+            yield _sse(protocol.chunk(call.id, model_name, {}, event.finish_reason))
+            if include_usage:
+                usage = protocol.usage(event.prompt_tokens, event.completion_tokens)
+                yield _sse(protocol.chunk(call.id, model_name, None, usage_=usage))
+            yield _sse("[DONE]")
+            call.audit(200, event.prompt_tokens, event.completion_tokens)
+            return
+        elif isinstance(event, Failed):
+            yield _sse(ApiError(event.status, event.message, event.code).body())
+            call.audit(event.status)
+            return
 
 
 def serve(lm, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -5,7 +5,10 @@ sampling settings (`Job.batch_key`) until `max_batch`, and hands the group to `r
 which generates for all of them together and streams every row's tokens back as they come. Streaming
 and non-streaming requests share batches (streaming is per row, not per batch). A batch, once started,
 runs to its end: requests that arrive meanwhile wait for the next batch (no continuous batching).
-A full queue refuses new jobs (`QueueFull` → HTTP 503 with Retry-After) instead of growing.
+A full queue refuses new jobs (`QueueFull` → HTTP 503 with Retry-After) instead of growing. The server
+takes its place in the queue (`Batcher.place`) before it decodes the image, so a full queue is refused
+before anything is allocated; a job whose client left or whose time ran out leaves the queue at once
+(`Batcher.cancel`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, Field
@@ -59,7 +63,7 @@ class Failed:
 Event = Started | Delta | Finished | Failed
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity (queue removal), never by their images
 class Job:
     """One chat completion to generate. `emit` is called from the worker thread with each event;
     `cancelled` is set by the server when the client goes away (the row stops at its next token)."""
@@ -89,6 +93,7 @@ class Batcher:
         self.config = config
         self._run_batch = run_batch
         self._pending: deque[Job] = deque()
+        self._held = 0  # places taken by requests still being prepared (image decoding)
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = 0
@@ -96,7 +101,8 @@ class Batcher:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Jobs waiting, and places held for jobs being prepared."""
+        return len(self._pending) + self._held
 
     @property
     def in_flight(self) -> int:
@@ -122,12 +128,43 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, job: Job) -> None:
+    @contextmanager
+    def place(self) -> Iterator[Callable[[Job], None]]:
+        """Hold a place in the queue (or raise `QueueFull`) while a job is prepared; call the yielded
+        function to queue the job in it. Leaving the block without queueing frees the place."""
         with self._cond:
-            if len(self._pending) >= self.config.max_queue:
-                raise QueueFull(f"{len(self._pending)} requests are waiting already (limit {self.config.max_queue})")
-            self._pending.append(job)
-            self._cond.notify_all()
+            if self.pending >= self.config.max_queue:
+                raise QueueFull(f"{self.pending} requests are waiting already (limit {self.config.max_queue})")
+            self._held += 1
+        held = True
+
+        def submit(job: Job) -> None:
+            nonlocal held
+            with self._cond:
+                self._held -= 1
+                held = False
+                self._pending.append(job)
+                self._cond.notify_all()
+
+        try:
+            yield submit
+        finally:
+            if held:
+                with self._cond:
+                    self._held -= 1
+
+    def submit(self, job: Job) -> None:
+        """Queue a job (or raise `QueueFull`)."""
+        with self.place() as submit:
+            submit(job)
+
+    def cancel(self, job: Job) -> None:
+        """The job's client is gone or its time ran out: out of the queue if it is still there, else its row
+        stops at the next token."""
+        job.cancelled.set()
+        with self._cond:
+            if job in self._pending:
+                self._pending.remove(job)
 
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:

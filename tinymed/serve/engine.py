@@ -1,7 +1,8 @@
 """The generation engine behind the batcher: one `model.generate` call per batch (the same
 `prepare_inputs` + `generation_kwargs` as `generate_answers`, so temperature 0 gives the same answers),
 with a per-row stopping criterion that streams each row's new text, applies its own `max_tokens` and
-`stop` strings, and drops rows whose client left or whose time ran out.
+`stop` strings, and drops rows whose client left or whose time ran out. The work per generated token is
+bounded by `max_tokens` and the (capped) stop strings, so a row past its deadline stops within one token.
 """
 
 from __future__ import annotations
@@ -56,8 +57,16 @@ def _safe_prefix(text: str, stops: list[str]) -> str:
     """The part of a growing answer that can be shown now: without trailing whitespace (the final answer
     is stripped), a half-decoded character, or a tail that may be the start of a stop string."""
     text = text.rstrip().rstrip("\ufffd")
-    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    hold = max((_stop_start(text, s) for s in stops), default=0)
     return text[: len(text) - hold]
+
+
+def _stop_start(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that begins `stop` (shorter than `stop`; 0 if none)."""
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0
 
 
 class Engine:
@@ -69,6 +78,19 @@ class Engine:
         self.end_ids = {t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None}
         text_config = getattr(lm.model.config, "text_config", lm.model.config)
         self.context_tokens: int | None = getattr(text_config, "max_position_embeddings", None)
+
+    def prompt_tokens(self, image, question: str) -> int:
+        """Tokens of the prompt for one image and question (image tokens included)."""
+        from tinymed.models.generate import prepare_inputs
+
+        return int(prepare_inputs(self.lm, [image], [question])["attention_mask"].sum())
+
+    def answer_room(self, image) -> int | None:
+        """The most tokens an answer can have: the context less the shortest prompt (a one-character
+        question about `image`); None when the model states no context length."""
+        if not self.context_tokens:
+            return None
+        return self.context_tokens - self.prompt_tokens(image, "?")
 
     def _decode(self, tokens: list[int]) -> str:
         return self.lm.processor.tokenizer.decode(tokens, skip_special_tokens=True)
