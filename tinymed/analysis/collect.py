@@ -6,8 +6,10 @@ A run folder is one of
 - a *flat* folder (what `tinymed evaluate/profile/judge --out DIR` write): any of `metrics.json`
   (+ `eval_config.json`), `profile.json`, `judge_summary.json` directly inside;
 - a *parent* folder holding several of the above one level down.
-Folders that name the same (name, quant) are merged into one variant. Unreadable or missing inputs
-never raise: they are listed in `Variant.gaps`, naming the file and what was wrong.
+An evaluation run with an image control (metrics.json `image_control.kind` shuffled or blank; conventionally in
+`eval/<dataset>@<control>/`) is kept in `Variant.controls`, beside the real run in `Variant.metrics`; runs from
+before controls existed are real runs. Folders that name the same (name, quant) are merged into one variant.
+Unreadable or missing inputs never raise: they are listed in `Variant.gaps`, naming the file and what was wrong.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 MemoryFigure = Literal["static", "dynamic"]
+NO_CONTROL = "none"  # the image control of a real run: each question sees its own image
 _MARKERS = ("variant.json", "eval", "metrics.json", "profile.json", "judge_summary.json")
 
 
@@ -46,7 +49,9 @@ class Variant(BaseModel):
     name: str
     quant: str | None = None
     sources: list[Path] = Field(default_factory=list, description="folders it was read from")
-    metrics: dict[str, dict] = Field(default_factory=dict, description="dataset → metrics.json")
+    metrics: dict[str, dict] = Field(default_factory=dict, description="dataset → metrics.json of the real run")
+    controls: dict[str, dict[str, dict]] = Field(
+        default_factory=dict, description="dataset → image control (shuffled, blank) → metrics.json")
     profile: dict | None = Field(default=None, description="profile.json")
     judge: dict | None = Field(default=None, description="judge_summary.json")
     info: dict = Field(default_factory=dict, description="variant.json")
@@ -78,9 +83,13 @@ class Variant(BaseModel):
                 return value
         return None
 
-    def metric(self, dataset: str, metric: str) -> float | None:
-        """A dotted metrics.json key (e.g. 'llava_med.closed_accuracy') for one dataset, or None."""
-        return _number(dig(self.metrics.get(dataset), *metric.split(".")))
+    def run(self, dataset: str, control: str = NO_CONTROL) -> dict | None:
+        """metrics.json of one dataset's real run (or of its run with an image `control`), or None."""
+        return self.metrics.get(dataset) if control == NO_CONTROL else self.controls.get(dataset, {}).get(control)
+
+    def metric(self, dataset: str, metric: str, control: str = NO_CONTROL) -> float | None:
+        """A dotted metrics.json key (e.g. 'llava_med.closed_accuracy') of `run(dataset, control)`, or None."""
+        return _number(dig(self.run(dataset, control), *metric.split(".")))
 
     def mean_metric(self, metric: str) -> float | None:
         """Mean of `metric` over the datasets that have it (percent), or None."""
@@ -110,16 +119,25 @@ def _read_json(path: Path, gaps: list[str]) -> dict | None:
     return value
 
 
+def _add_run(variant: Variant, source: Path, dataset: str, metrics: dict) -> None:
+    """File one evaluation run under its dataset and image control (a gap if that place is taken)."""
+    control = str(dig(metrics, "image_control", "kind") or NO_CONTROL)
+    runs = variant.metrics if control == NO_CONTROL else variant.controls.setdefault(dataset, {})
+    key = dataset if control == NO_CONTROL else control
+    if key in runs:
+        shown = "" if control == NO_CONTROL else f" with image control {control!r}"
+        variant.gaps.append(f"{source}: dataset {dataset!r}{shown} given twice; kept the first")
+    else:
+        runs[key] = metrics
+
+
 def _add_eval(variant: Variant, folder: Path, eval_config: dict | None) -> None:
     metrics = _read_json(folder / "metrics.json", variant.gaps)
     if metrics is None:
         variant.gaps.append(f"{folder}: no usable metrics.json")
         return
-    dataset = str(dig(eval_config, "dataset") or folder.name)
-    if dataset in variant.metrics:
-        variant.gaps.append(f"{folder}: dataset {dataset!r} given twice; kept the first")
-        return
-    variant.metrics[dataset] = metrics
+    dataset = dig(eval_config, "dataset") or folder.name.partition("@")[0]  # eval/<dataset>@<control>/
+    _add_run(variant, folder, str(dataset), metrics)
 
 
 def _first(*values: object) -> str | None:
@@ -192,10 +210,10 @@ def _merge(into: Variant, other: Variant) -> None:
     into.judge = into.judge or other.judge
     into.info = into.info or other.info
     for dataset, metrics in other.metrics.items():
-        if dataset in into.metrics:
-            into.gaps.append(f"{other.sources[0]}: dataset {dataset!r} given twice; kept the first")
-        else:
-            into.metrics[dataset] = metrics
+        _add_run(into, other.sources[0], dataset, metrics)
+    for dataset, runs in other.controls.items():
+        for metrics in runs.values():
+            _add_run(into, other.sources[0], dataset, metrics)
 
 
 def _note_missing(variant: Variant) -> None:

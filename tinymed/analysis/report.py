@@ -6,11 +6,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
-from tinymed.analysis.collect import MemoryFigure, Variant, collect_variants
+from tinymed.analysis.collect import NO_CONTROL, MemoryFigure, Variant, collect_variants, dig
 from tinymed.analysis.document import Block, Bullets, Heading, Image, Paragraph, Table, cell, to_html, to_markdown
 from tinymed.analysis.paper import quoted_section
 from tinymed.analysis.pareto import pareto_front
 from tinymed.analysis.plot import MIB, PlotPoint, plot_pareto
+from tinymed.evaluate.image_controls import IMAGE_CONTROLS
 from tinymed.evaluate.judge.summary import GROUP_LABELS
 from tinymed.evaluate.metrics import CLOSED_LLAVA_MED, CLOSED_STRICT, OPEN_LLAVA_MED, OPEN_STRICT
 from tinymed.io import write_json_atomic, write_text_atomic
@@ -25,6 +26,13 @@ VQA_CONVENTION = (
     "Open = LLaVA-Med v1 recall (%), Closed = LLaVA-Med v1 accuracy: reference contained in the prediction (%); "
     "strict: Open F1 = token F1 (%), Closed EM = exact match after normalisation (%). "
     "— = no items of that type / dataset not evaluated.")
+CONTROLS_CAPTION = (
+    "Each real run (every question shown its own image) beside the same model's runs with an image control "
+    "(`tinymed evaluate --image-control`): shuffled = every question shown another case's image (a seeded "
+    "derangement of the distinct images), blank = a uniform RGB (128, 128, 128) image of the same size. "
+    "Closed = LLaVA-Med v1 closed accuracy (%), Open = LLaVA-Med v1 open recall (%); drop = real − control, in "
+    "points: a model that reads the images loses points under a control, one that answers from the question alone "
+    "does not. — = no items of that type / no real run.")
 
 
 class ReportConfig(BaseModel):
@@ -53,6 +61,8 @@ class VariantPoint(BaseModel):
     tokens_per_s: float | None
     accuracy: float | None
     metrics: dict[str, dict] = Field(description="dataset → metrics.json without the 'by' breakdowns")
+    controls: dict[str, dict[str, dict]] = Field(
+        description="dataset → image control → metrics.json without the 'by' breakdowns")
     judge: dict[str, float | None] = Field(description="judge group → relative score (%), where judged")
     on_front: bool
     gaps: list[str]
@@ -76,11 +86,15 @@ def metric_label(metric: str) -> str:
     return f"{prefix} {key.replace('_', ' ')} (%)"
 
 
-def ordered_datasets(variants: list[Variant]) -> list[str]:
-    """Datasets evaluated by any variant: the paper's three first, then the others alphabetically."""
-    seen = {dataset for variant in variants for dataset in variant.metrics}
+def _paper_order(seen: set[str]) -> list[str]:
+    """The paper's three datasets first, then the others alphabetically."""
     known = [d for d in ("vqa-rad", "slake", "pathvqa") if d in seen]
     return known + sorted(seen - set(known))
+
+
+def ordered_datasets(variants: list[Variant]) -> list[str]:
+    """Datasets with a real run in any variant: the paper's three first, then the others alphabetically."""
+    return _paper_order({dataset for variant in variants for dataset in variant.metrics})
 
 
 def _front_gaps(variant: Variant, config: ReportConfig, datasets: list[str]) -> list[str]:
@@ -106,6 +120,7 @@ def _points(variants: list[Variant], config: ReportConfig, datasets: list[str]) 
         name=v.name, quant=v.quant, static_bytes=v.static_bytes, dynamic_bytes=v.dynamic_bytes,
         tokens_per_s=v.speed("decode_tokens_per_s"), accuracy=accuracy,
         metrics={d: _slim(m) for d, m in v.metrics.items()},
+        controls={d: {c: _slim(m) for c, m in runs.items()} for d, runs in v.controls.items()},
         judge={g: v.judge_score(g) for g in GROUP_LABELS} if v.judge else {},
         on_front=front, gaps=v.gaps + _front_gaps(v, config, datasets),
     ) for v, accuracy, front in zip(variants, accuracies, on_front, strict=True)]
@@ -119,6 +134,39 @@ def _vqa_table(variants: list[Variant], datasets: list[str]) -> Table:
             + [", ".join(f"{d} {v.metrics[d].get('n', '?')}" for d in datasets if d in v.metrics)]
             for v in variants]  # fmt: skip
     return Table(title="Medical VQA (ours)", caption=VQA_CONVENTION, header=[*header, "Questions"], rows=rows)
+
+
+def _control_order(control: str) -> tuple[int, str]:
+    """The real run first, then the known controls in IMAGE_CONTROLS order, then others alphabetically."""
+    known = (NO_CONTROL, *IMAGE_CONTROLS)
+    return (known.index(control) if control in known else len(known), control)
+
+
+def _control_label(control: str, run: dict | None) -> str:
+    if control == NO_CONTROL:
+        return "real"
+    seed = dig(run, "image_control", "seed")
+    return control if seed is None else f"{control} (seed {seed})"
+
+
+def _controls_table(variants: list[Variant]) -> Table:
+    """Per variant and dataset with control runs: the real run, then each control with its drop in points."""
+    rows = []
+    for v in variants:
+        for d in _paper_order(set(v.controls)):
+            for control in sorted({NO_CONTROL, *v.controls[d]}, key=_control_order):
+                cells = []
+                for metric in ("llava_med.closed_accuracy", "llava_med.open_recall"):
+                    real, value = v.metric(d, metric), v.metric(d, metric, control)
+                    drop = None if real is None or value is None else real - value
+                    cells += [cell(value), "" if control == NO_CONTROL else cell(drop)]
+                run = v.run(d, control)
+                n = dig(run, "n")
+                rows.append([v.name, v.quant or "—", dataset_label(d), _control_label(control, run), *cells,
+                             "—" if n is None else str(n)])
+    header = ["Variant", "Quant", "Dataset", "Images", "Closed", "Closed drop (pts)", "Open", "Open drop (pts)",
+              "Questions"]
+    return Table(title="Image controls (ours)", caption=CONTROLS_CAPTION, header=header, rows=rows)
 
 
 def _judge_table(variants: list[Variant]) -> Table:
@@ -205,6 +253,8 @@ def _blocks(variants: list[Variant], points: list[VariantPoint], config: ReportC
         Heading("Medical VQA"),
         _vqa_table(variants, datasets) if datasets else Paragraph("No evaluation metrics were found."),
     ]
+    if any(v.controls for v in variants):
+        blocks += [Heading("Image controls"), _controls_table(variants)]
     if any(v.judge for v in variants):
         blocks += [Heading("LLM-as-judge"), _judge_table(variants)]
     blocks += [Heading("Memory and speed"), _memory_table(variants, points, config)]

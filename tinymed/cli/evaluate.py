@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from tinymed.evaluate.image_controls import ImageControl
+
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
@@ -29,6 +31,10 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
         skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip malformed dataset rows (counted)."),
         fresh: bool = typer.Option(False, "--fresh", help="Ignore predictions an interrupted run left in --out."),
+        image_control: ImageControl = typer.Option(
+            "none", "--image-control", help="Show each question its own image (none), another case's (shuffled: a "
+            "seeded derangement of the distinct images) or a uniform grey one of the same size (blank)."),
+        control_seed: int = typer.Option(0, "--control-seed", help="Seed of the shuffled control's permutation."),
     ) -> None:
         """Answer a dataset's questions with a model; write predictions and LLaVA-Med + strict metrics."""
         from tinymed.cli.progress import counting_progress
@@ -41,6 +47,7 @@ def register(app: typer.Typer) -> None:
             model=model, quant=quant, endpoint=endpoint, model_name=model_name, api_key=api_key, dataset=dataset,
             path=path, split=split, language=language, out_dir=out, batch_size=batch_size,
             max_new_tokens=max_new_tokens, limit=limit, device=device, skip_invalid=skip_invalid, resume=not fresh,
+            image_control=image_control, control_seed=control_seed,
         )
         err = Console(stderr=True)
         try:
@@ -50,5 +57,7 @@ def register(app: typer.Typer) -> None:
             err.print(f"[red]error:[/red] {exc}", highlight=False)
             raise typer.Exit(1) from None
         console = Console()
-        console.print(metrics_table(result.metrics, f"{dataset}/{split}: {result.n} questions, {result.errors} errors"))
+        shown = "" if image_control == "none" else f", image control: {image_control}"
+        title = f"{dataset}/{split}: {result.n} questions, {result.errors} errors{shown}"
+        console.print(metrics_table(result.metrics, title))
         console.print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'} ({result.seconds:.1f} s)", highlight=False)

@@ -3,8 +3,11 @@ dataset's questions → `predictions.jsonl` + `metrics.json` (+ `eval_config.jso
 
 Greedy decoding, left padding, KV cache, `batch_size` questions per forward pass. Predictions are
 appended to `predictions.partial.jsonl` as they are made, so an interrupted run resumes where it
-stopped; the final files are written atomically. A sample whose image cannot be read, or whose
-generation fails, is recorded with its `error` and the run goes on.
+stopped (only when the model, data, decoding and image control are the same); the final files are written
+atomically. A sample whose image cannot be read, or whose generation fails, is recorded with its `error` and
+the run goes on. `image_control` (tinymed.evaluate.image_controls) shows each question its own image, another
+case's, or a blank one; it is recorded in metrics.json and eval_config.json as {"kind", "seed"}, and each
+prediction records the image it was shown.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from tinymed.data import DataError, MedVQASample
 from tinymed.data.registry import load_dataset
+from tinymed.evaluate.image_controls import ImageControl, ImagePlan
 from tinymed.evaluate.metrics import score_predictions
 from tinymed.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
 
@@ -48,6 +52,8 @@ class EvalConfig(BaseModel):
     device: str = "auto"
     skip_invalid: bool = False
     resume: bool = True
+    image_control: ImageControl = Field("none", description="none (own image), shuffled (another case's) or blank")
+    control_seed: int = Field(0, description="seed of the shuffled control's permutation")
 
 
 @dataclass
@@ -60,8 +66,10 @@ class EvalResult:
     seconds: float
 
 
-def prediction_record(sample: MedVQASample, prediction: str, error: str | None) -> dict:
-    """One predictions.jsonl line: the sample, its metadata, and what the model said (or why it failed)."""
+def prediction_record(sample: MedVQASample, prediction: str, error: str | None,
+                      image_shown: dict | None = None) -> dict:
+    """One predictions.jsonl line: the sample, its metadata, what the model said (or why it failed) and the
+    image it was shown (`ImagePlan.show`'s record; null when none was: unreadable, or a question-only answer)."""
     return {
         "id": sample.id,
         "dataset": sample.dataset,
@@ -72,6 +80,7 @@ def prediction_record(sample: MedVQASample, prediction: str, error: str | None) 
         "answer_type": sample.answer_type.value,
         "prediction": prediction,
         "error": error,
+        "image_shown": image_shown,
         **sample.metadata(),
     }
 
@@ -128,38 +137,45 @@ def endpoint_answerer(config: EvalConfig) -> tuple[Answerer, dict]:
     return answer, {"model": model_name, "endpoint": config.endpoint, "quant": config.quant or "as served"}
 
 
-def _answer_batch(answer: Answerer, batch: Sequence[MedVQASample]) -> list[dict]:
-    """Answer one batch; a sample whose image fails, or a batch whose generation fails, gets `error`."""
+def _answer_batch(answer: Answerer, batch: Sequence[MedVQASample], plan: ImagePlan) -> list[dict]:
+    """Answer one batch with the images `plan` shows; a sample whose image fails, or a batch whose generation
+    fails, gets `error`."""
     records: dict[str, dict] = {}
-    ready, images = [], []
+    ready, images, shown = [], [], []
     for sample in batch:
         try:
-            images.append(sample.load_image())
-            ready.append(sample)
+            image, record = plan.show(sample)
         except DataError as exc:
             records[sample.id] = prediction_record(sample, "", str(exc))
+            continue
+        ready.append(sample)
+        images.append(image)
+        shown.append(record)
     if ready:
         try:
-            for sample, text in zip(ready, answer(ready, images), strict=True):
-                records[sample.id] = prediction_record(sample, text, None)
+            for sample, text, record in zip(ready, answer(ready, images), shown, strict=True):
+                records[sample.id] = prediction_record(sample, text, None, record)
         except Exception as exc:  # one bad batch must not kill a long run
-            for sample in ready:
-                records[sample.id] = prediction_record(sample, "", f"generation failed: {type(exc).__name__}: {exc}")
+            for sample, record in zip(ready, shown, strict=True):
+                records[sample.id] = prediction_record(
+                    sample, "", f"generation failed: {type(exc).__name__}: {exc}", record)
     return [records[s.id] for s in batch]
 
 
-def _run_key(config: EvalConfig) -> str:
-    """What makes two runs' predictions interchangeable (resume only continues the same run)."""
+def _run_key(config: EvalConfig, plan: ImagePlan) -> str:
+    """What makes two runs' predictions interchangeable (resume only continues the same run): the model, data,
+    decoding and image control (kind, seed and which image each case is shown)."""
     fields = ("model", "quant", "endpoint", "model_name", "dataset", "path", "split", "language", "max_new_tokens")
-    return hashlib.sha256(json.dumps([getattr(config, f) for f in fields]).encode()).hexdigest()
+    key = [getattr(config, f) for f in fields] + plan.fingerprint()
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
-def _resumable_predictions(config: EvalConfig, out: Path) -> dict[str, dict]:
-    """Predictions an interrupted run of the same configuration left behind, by sample id."""
+def _resumable_predictions(run_key: str, out: Path) -> dict[str, dict]:
+    """Predictions an interrupted run with the same `run_key` left behind, by sample id."""
     partial, key_file = out / PARTIAL, out / PARTIAL_KEY
     if not (partial.exists() and key_file.exists()):
         return {}
-    if json.loads(key_file.read_text()).get("key") != _run_key(config):
+    if json.loads(key_file.read_text()).get("key") != run_key:
         return {}
     return {r["id"]: r for r in read_jsonl(partial)}
 
@@ -174,25 +190,27 @@ def evaluate(config: EvalConfig, on_progress: Callable[[int, int], None] | None 
         skip_invalid=config.skip_invalid, limit=config.limit,
     )
     samples = loaded.samples
+    plan = ImagePlan.build(config.image_control, samples, config.control_seed)
+    run_key = _run_key(config, plan)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / PARTIAL
-    done = _resumable_predictions(config, out) if config.resume else {}
+    done = _resumable_predictions(run_key, out) if config.resume else {}
     if not done:
         partial.unlink(missing_ok=True)
-        write_json_atomic(out / PARTIAL_KEY, {"key": _run_key(config)})
+        write_json_atomic(out / PARTIAL_KEY, {"key": run_key})
     todo = [s for s in samples if s.id not in done]
     answer, described = (endpoint_answerer if config.endpoint else local_answerer)(config)
     if on_progress:
         on_progress(len(samples) - len(todo), len(samples))
     for i in range(0, len(todo), config.batch_size):
-        for record in _answer_batch(answer, todo[i : i + config.batch_size]):
+        for record in _answer_batch(answer, todo[i : i + config.batch_size], plan):
             append_jsonl(partial, record)
             done[record["id"]] = record
         if on_progress:
             on_progress(len(samples) - len(todo) + min(i + config.batch_size, len(todo)), len(samples))
     records = [done[s.id] for s in samples]
-    metrics = score_predictions(records)
+    metrics = {**score_predictions(records), "image_control": plan.describe()}
     seconds = time.perf_counter() - start
     write_jsonl_atomic(out / PREDICTIONS, records)
     write_json_atomic(out / "metrics.json", metrics)
@@ -200,6 +218,7 @@ def evaluate(config: EvalConfig, on_progress: Callable[[int, int], None] | None 
         **described,
         "dataset": config.dataset, "path": config.path or loaded.source, "split": config.split,
         "limit": config.limit, "batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens,
+        "image_control": plan.describe(),
         "skipped_rows": [vars(r) for r in loaded.skipped], "seconds": round(seconds, 2),
     })
     partial.unlink(missing_ok=True)
