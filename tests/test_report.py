@@ -220,9 +220,28 @@ def test_report_markdown_has_the_tables_and_the_quoted_section(built):
     assert "### Memory and speed (ours)" in text
     assert "| fq8 | int8 | cpu | 200.0 | 300.0 | 400.0 | 50.0 | 20.0 |" in text
     assert "Quoted from the TinyLLaVA-Med paper (published numbers, not measured here)" in text
-    assert "not verified here" in text
     assert "![Pareto front, mean accuracy](pareto.png)" in text
     assert "noprof: no profile (profile.json) found" in text
+
+
+def test_report_quotes_every_published_row_as_printed(built):
+    text = (built.out_dir / "report.md").read_text()
+    poster = "BHI 2024 poster, Medical VQA Performance table"
+    assert f"| TinyLLaVA-Med-F (1.5B) | 50.6 | 81.25 | 85.34 | 85.43 | 39.25 | 90.56 | {poster} |" in text
+    assert f"| LLaVA | 50 | 65.07 | 78.18 | 63.22 | 7.74 | 63.2 | {poster} |" in text  # "50" as printed
+    assert text.count(poster) == 7
+    assert "| TinyLLaVA-Med (earlier paper) | — | 64.54 | — | 70.70 | — | — | A. El Mir" in text
+    assert ("| Model (quoted) | Conv. | Desc. | X-Ray | MRI | Histology | Gross | CT | Overall | Source / note |"
+            in text)
+    judge = "BHI 2024 poster, GPT-4 Evaluation table"
+    assert f"| TinyLLaVA-Med-FQ4 (1.5B) | 51.6 | 38.07 | 59.42 | 41.94 | 49.43 | 49.93 | 40.42 | 48.09 | {judge} |" in text
+    assert f"| TinyLLaVA (1.5B) baseline | 40.87 | 35.11 | 45.08 | 39.65 | 39.86 | 35.03 | 37 | 39.38 | {judge} |" in text
+    assert text.count(judge) == 9
+    assert ("Poster: A. El Mir, L. T. Luoga, B. Chen, M. A. Hanif, M. Shafique, \u201cAdvancing Healthcare in "
+            "Low-Resource Environments Through an Optimization and Deployment Framework for Medical Multimodal LLMs"
+            "\u201d, IEEE-EMBS") in text
+    assert "arXiv:2409.12184" in text and "18.9 W" in text  # the earlier paper's row and claims stay
+    assert "not verified here" not in text  # every row has its numbers
 
 
 def test_report_without_judge_results_has_no_judge_table(tmp_path):
@@ -282,3 +301,15 @@ def test_cli_report_errors_name_the_problem(cli, tmp_path):
     assert missing.exit_code == 1 and "run folder not found" in missing.output
     bad_metric = runner.invoke(cli, ["report", str(tmp_path), "--out", str(tmp_path / "o"), "--accuracy", "x"])
     assert bad_metric.exit_code == 2 and "--accuracy" in bad_metric.output
+
+
+def test_a_row_without_values_is_marked_not_verified(variants_root, monkeypatch, tmp_path):
+    from tinymed.analysis import paper
+
+    rows = dict(paper.paper_rows())
+    rows["judge_rows"] = [*rows["judge_rows"], {"model": "Unread-7B", "values": {}, "source": None}]
+    monkeypatch.setattr(paper, "paper_rows", lambda: rows)
+    result = build_report(ReportConfig(run_dirs=[variants_root], out_dir=tmp_path / "r2"))
+    text = (result.out_dir / "report.md").read_text()
+    assert "| Unread-7B |" + " not verified here |" * 8 in text
+    assert "Note: the published table rows for Unread-7B are marked 'not verified here'" in text

@@ -1,15 +1,19 @@
 """The TinyLLaVA-Med paper's published rows (paper_rows.json), quoted beside our numbers.
 
-Only numbers read in a named source are stored; the rest are null and shown as "not verified here".
+Only numbers read in a named source are stored, as printed there, and shown as printed (50 stays "50", 60.1
+stays "60.1"). A value the row's source does not give is shown as "—"; a row no source could be read for (no
+values) as "not verified here", with a note under the tables.
 """
 
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from functools import cache
 from pathlib import Path
 
-from tinymed.analysis.document import Block, Bullets, Heading, Paragraph, Table, cell
+from tinymed.analysis.collect import dig
+from tinymed.analysis.document import MISSING, Block, Bullets, Heading, Paragraph, Table
 
 PAPER_ROWS = Path(__file__).with_name("paper_rows.json")
 PAPER_DATASETS = ("vqa-rad", "slake", "pathvqa")
@@ -19,12 +23,22 @@ SECTION_TITLE = "Quoted from the TinyLLaVA-Med paper (published numbers, not mea
 
 @cache
 def paper_rows() -> dict:
-    """The stored rows, citation and claims."""
-    return json.loads(PAPER_ROWS.read_text(encoding="utf-8"))
+    """The stored rows, citations (paper, poster) and claims; decimals as Decimal, so "70.70" stays "70.70"."""
+    return json.loads(PAPER_ROWS.read_text(encoding="utf-8"), parse_float=Decimal)
 
 
-def _quoted(value: float | None) -> str:
-    return NOT_VERIFIED if value is None else cell(value)
+def _quoted(row: dict, *keys: str) -> str:
+    """row["values"][k1][k2]... as printed; "—" where the source does not give it, NOT_VERIFIED for a row
+    without values."""
+    if not row["values"]:
+        return NOT_VERIFIED
+    value = dig(row["values"], *keys)
+    return MISSING if value is None else str(value)
+
+
+def _citation(label: str, source: dict) -> str:
+    return (f"{label}: {source['authors']}, \u201c{source['title']}\u201d, {source['venue']} ({source['where']}); "
+            f"quoted: {source['quoted']}.")
 
 
 def _source(row: dict) -> str:
@@ -35,31 +49,26 @@ def _vqa_table(data: dict, labels: dict[str, str]) -> Table:
     header = ["Model (quoted)"]
     for dataset in PAPER_DATASETS:
         header += [f"{labels[dataset]} Open", f"{labels[dataset]} Closed"]
-    rows = []
-    for row in data["vqa_rows"]:
-        values = row["values"]
-        cells = [_quoted(values.get(d, {}).get(kind)) for d in PAPER_DATASETS for kind in ("open", "closed")]
-        rows.append([row["model"], *cells, _source(row)])
+    rows = [[row["model"], *(_quoted(row, d, kind) for d in PAPER_DATASETS for kind in ("open", "closed")),
+             _source(row)] for row in data["vqa_rows"]]  # fmt: skip
     return Table(title="Medical VQA (quoted)", caption=data["vqa_convention"], header=[*header, "Source / note"],
                  rows=rows)
 
 
 def _judge_table(data: dict, group_labels: dict[str, str]) -> Table:
-    rows = [[row["model"], *(_quoted(row["values"].get(g)) for g in group_labels), _source(row)]
-            for row in data["judge_rows"]]
+    rows = [[row["model"], *(_quoted(row, g) for g in group_labels), _source(row)] for row in data["judge_rows"]]
     return Table(title="LLM-as-judge (quoted)", caption=data["judge_convention"],
                  header=["Model (quoted)", *group_labels.values(), "Source / note"], rows=rows)
 
 
 def quoted_section(dataset_labels: dict[str, str], group_labels: dict[str, str]) -> list[Block]:
-    """The report section holding the paper's rows, its citation and what could not be verified."""
+    """The report section holding the published rows, their sources' citations and what could not be verified."""
     data = paper_rows()
-    paper = data["paper"]
     unverified = [row["model"] for row in data["vqa_rows"] + data["judge_rows"] if not row["values"]]
     blocks: list[Block] = [
         Heading(SECTION_TITLE),
-        Paragraph(f"Source: {paper['authors']}, \u201c{paper['title']}\u201d, {paper['venue']} "
-                  f"({paper['where']}). {paper['tables']}."),
+        Paragraph("Sources:"),
+        Bullets([_citation("Paper", data["paper"]), _citation("Poster", data["poster"])]),
         _vqa_table(data, dataset_labels),
         _judge_table(data, group_labels),
         Paragraph("Published claims (quoted):"),
