@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -60,3 +61,36 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 break
             raise ValueError(f"malformed JSON on line {i + 1} of {path}") from None
     return rows
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, then the folders themselves, to disk."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            with open(Path(root) / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(Path(root))
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_folder_atomic(target: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a fresh hidden folder beside `target`, fsync it, then rename it to `target`
+    (replacing an older `target`). Single-process helper: callers gate it with `is_main_process`."""
+    target = Path(target)
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    fsync_tree(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    return target

@@ -1,13 +1,15 @@
-"""The whole paper as one composition of stages (what `tinymed demo` runs).
+"""The whole paper as one composition of stages.
 
-data (synthetic by default, or real datasets) → fine-tune (stage 1 alignment + stage 2 instruction
-tuning) → quantized variants (FQ8, FQ4 with the fastest CPU backends measured here, or bitsandbytes
-on CUDA) → evaluation of every variant (LLaVA-Med + strict metrics) and a question-only baseline →
-memory/speed profile of every variant → Pareto report. Every stage's outputs stay under `out_dir`:
+`run_benchmark` (what `tinymed benchmark` runs) takes a trained model (folder, Hub id or zoo name):
+quantized variants (FQ8, FQ4 with the fastest CPU backends measured here, or bitsandbytes on CUDA) →
+evaluation of every variant (LLaVA-Med + strict metrics), image controls on the full-precision one,
+and a question-only baseline → memory/speed profile of every variant → Pareto report.
+`run_demo` (what `tinymed demo` runs) is data (synthetic by default, or real datasets) → fine-tune
+(stage 1 alignment + stage 2 instruction tuning) → `run_benchmark`. Outputs stay under `out_dir`:
 
     out_dir/data/                      synthetic dataset (conversation format), when used
     out_dir/finetune/final/            the fine-tuned model (standard HF LLaVA folder)
-    out_dir/variants/<name>/           variant.json, model/ (quantized), eval/<dataset>/, profile.json
+    out_dir/variants/<name>/           variant.json, model/ (quantized), eval/<dataset>[@<control>]/, profile.json
     out_dir/baseline/<dataset>/        question-only baseline predictions.jsonl + metrics.json
     out_dir/report/                    report.md, report.html, pareto.{png,svg,json}
     out_dir/summary.json
@@ -28,6 +30,7 @@ from tinymed.data.synthetic import SynthConfig, generate_synthetic
 from tinymed.evaluate.baseline import QuestionOnlyBaseline
 from tinymed.evaluate.memory import ProfileConfig, profile_model
 from tinymed.evaluate.metrics import score_predictions
+from tinymed.evaluate.image_controls import ImageControl
 from tinymed.evaluate.runner import EvalConfig, evaluate, prediction_record
 from tinymed.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from tinymed.quantize import QuantConfig, default_demo_quant, quantize_model
@@ -41,16 +44,32 @@ def _no_progress(_description: str):
     return nullcontext(lambda done, total: None)
 
 
-class DemoConfig(BaseModel):
-    out_dir: Path = Path("tinymed-demo")
-    datasets: list[DatasetSpec] = Field(default_factory=list, description="real datasets; empty = synthetic")
-    synth: SynthConfig = Field(default_factory=SynthConfig)
+class VariantOptions(BaseModel):
+    """How the variants of a model are made, evaluated and profiled."""
+
     quant_methods: list[str] | None = Field(None, description="None = the measured-best 8-bit and 4-bit backends")
     eval_batch_size: int = 16
     max_new_tokens: int = Field(24, description="enough for the synthetic set's one-line descriptions")
     eval_limit: int | None = None
     device: str = "auto"
     profile: bool = True
+
+
+class BenchmarkConfig(VariantOptions):
+    """Benchmark one trained model: its variants on the test split of each dataset (the train split
+    feeds the question-only baseline)."""
+
+    model: str = Field(description="trained model: folder, Hub id or zoo name")
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    out_dir: Path
+    image_controls: list[ImageControl] = Field(default_factory=list,
+                                               description="controls run on the full-precision variant")
+
+
+class DemoConfig(VariantOptions):
+    out_dir: Path = Path("tinymed-demo")
+    datasets: list[DatasetSpec] = Field(default_factory=list, description="real datasets; empty = synthetic")
+    synth: SynthConfig = Field(default_factory=SynthConfig)
 
 
 def _datasets(config: DemoConfig) -> list[DatasetSpec]:
@@ -63,8 +82,8 @@ def _datasets(config: DemoConfig) -> list[DatasetSpec]:
 
 def _baseline(spec: DatasetSpec, out: Path) -> dict:
     """Score the question-only baseline on `spec`'s test split; returns its predictions."""
-    train = load_dataset(spec.name, spec.path, split="train").samples
-    test = load_dataset(spec.name, spec.path, split="test").samples
+    train = load_dataset(spec.name, spec.path, split="train", language=spec.language).samples
+    test = load_dataset(spec.name, spec.path, split="test", language=spec.language).samples
     baseline = QuestionOnlyBaseline(train)
     records = [prediction_record(s, baseline.predict(s), None) for s in test]
     write_jsonl_atomic(out / "predictions.jsonl", records)
@@ -87,40 +106,58 @@ def run_demo(config: DemoConfig, progress: ProgressFactory = _no_progress, say=p
         datasets=[DatasetSpec(name=s.name, path=s.path, split="train") for s in specs],
         stages=demo_stages(), out_dir=out / "finetune",
     ))
-    variants = {"fp32": ("none", trained.model_dir)}
-    say("3/6 quantize")
+    bench = BenchmarkConfig(model=str(trained.model_dir), datasets=specs, out_dir=out,
+                            **config.model_dump(include=set(VariantOptions.model_fields)))
+    summary = run_benchmark(bench, progress, say, first_step=3, steps=6)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def run_benchmark(config: BenchmarkConfig, progress: ProgressFactory = _no_progress, say=print,
+                  first_step: int = 1, steps: int = 4) -> dict:
+    """Variants → evaluation (+ controls, baseline) → profile → report; returns (and writes to
+    out_dir/summary.json) the headline numbers."""
+    start = time.perf_counter()
+    out, specs = config.out_dir, config.datasets
+    step = iter(range(first_step, steps + 1))
+    say(f"{next(step)}/{steps} quantize")
+    variants = {"fp32": ("none", config.model)}
     quant_configs = [QuantConfig(method=m) for m in config.quant_methods or []] or default_demo_quant(config.device)
     for quant in quant_configs:
-        result = quantize_model(trained.model_dir, quant, out / "variants" / quant.method / "model", config.device)
+        result = quantize_model(config.model, quant, out / "variants" / quant.method / "model", config.device)
         variants[quant.method] = (quant.method, result.out_dir)
-    say("4/6 evaluate every variant + the question-only baseline")
+    say(f"{next(step)}/{steps} evaluate every variant + the question-only baseline")
     pooled: dict[str, list[dict]] = {"model": [], "baseline": []}
     for name, (quant, model_dir) in variants.items():
         vdir = out / "variants" / name
         _variant(name, quant, model_dir, vdir)
+        controls = ["none", *config.image_controls] if name == "fp32" else ["none"]
         for spec in specs:
-            with progress(f"evaluate {name} on {spec.name}") as update:
-                result = evaluate(EvalConfig(
-                    model=str(model_dir), dataset=spec.name, path=spec.path, split="test",
-                    out_dir=vdir / "eval" / spec.name, batch_size=config.eval_batch_size,
-                    max_new_tokens=config.max_new_tokens, limit=config.eval_limit, device=config.device,
-                ), on_progress=update)
-            if name == "fp32":
-                pooled["model"] += read_jsonl(result.out_dir / "predictions.jsonl")
+            for control in controls:
+                folder = spec.name if control == "none" else f"{spec.name}@{control}"
+                with progress(f"evaluate {name} on {folder}") as update:
+                    result = evaluate(EvalConfig(
+                        model=str(model_dir), dataset=spec.name, path=spec.path, split="test",
+                        language=spec.language, out_dir=vdir / "eval" / folder, batch_size=config.eval_batch_size,
+                        max_new_tokens=config.max_new_tokens, limit=config.eval_limit, device=config.device,
+                        image_control=control,
+                    ), on_progress=update)
+                if name == "fp32" and control == "none":
+                    pooled["model"] += read_jsonl(result.out_dir / "predictions.jsonl")
     for spec in specs:
         pooled["baseline"] += _baseline(spec, out / "baseline" / spec.name)
     if config.profile:
-        say("5/6 profile memory and speed")
+        say(f"{next(step)}/{steps} profile memory and speed")
         for name, (quant, model_dir) in variants.items():
             with progress(f"profile {name}"):
                 profile_model(ProfileConfig(model=str(model_dir), device=config.device, out_dir=out / "variants" / name))
-    say("6/6 report")
+    say(f"{steps}/{steps} report")
     report = build_report(ReportConfig(run_dirs=[out / "variants"], out_dir=out / "report"))
-    model_metrics, baseline_metrics = score_predictions(pooled["model"]), score_predictions(pooled["baseline"])
     summary = {
-        "model": model_metrics,
-        "baseline": baseline_metrics,
-        "model_dir": str(trained.model_dir),
+        "model": score_predictions(pooled["model"]),
+        "baseline": score_predictions(pooled["baseline"]),
+        "model_dir": config.model,
         "variants": {name: str(d) for name, (_, d) in variants.items()},
         "pareto_front": report.front,
         "report": str(report.out_dir / "report.md"),

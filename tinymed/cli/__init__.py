@@ -8,7 +8,7 @@ import os
 import typer
 
 from tinymed import __version__
-from tinymed.cli import data, demo, evaluate, finetune, judge, quantize, report, score, serve
+from tinymed.cli import data, demo, evaluate, finetune, judge, quantize, report, score, serve, zoo
 
 app = typer.Typer(
     help="tinymed: fine-tune, quantize, evaluate and deploy small medical multimodal LLMs.",
@@ -31,7 +31,7 @@ def _main(
     """tinymed: fine-tune, quantize, evaluate and deploy small medical multimodal LLMs."""
 
 
-for module in (data, score, finetune, evaluate, quantize, judge, report, serve, demo):
+for module in (data, score, finetune, evaluate, quantize, judge, report, serve, demo, zoo):
     module.register(app)
 
 

@@ -1,4 +1,5 @@
-"""CLI: `tinymed demo` — the whole paper in one offline command (synthetic data by default)."""
+"""CLI: `tinymed demo` — the whole paper in one offline command (synthetic data by default) — and
+`tinymed benchmark` — the same tables for a model you already have."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ def _cell(value) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
-def summary_table(summary: dict) -> Table:
+def summary_table(summary: dict, title: str = "tinymed demo") -> Table:
     """Model vs question-only baseline, overall and per question type (percentages)."""
-    table = Table(title="tinymed demo — fine-tuned model vs question-only baseline (%)")
+    table = Table(title=f"{title} — fine-tuned model vs question-only baseline (%)")
     table.add_column("group")
     table.add_column("n", justify="right")
     for header, _, _ in _HEADLINE:
@@ -66,10 +67,49 @@ def register(app: typer.Typer) -> None:
         console = Console()
         config = DemoConfig(out_dir=out, datasets=specs, eval_limit=eval_limit, device=device, profile=not no_profile)
         summary = run_demo(config, progress=counting_progress, say=lambda m: console.rule(f"[bold]{m}"))
-        console.print(summary_table(summary))
-        gain = summary["model"]["llava_med"]["closed_accuracy"] - summary["baseline"]["llava_med"]["closed_accuracy"]
-        console.print(
-            f"closed accuracy: model beats the question-only baseline by {gain:+.1f} points; "
-            f"Pareto front: {', '.join(summary['pareto_front'])}; report: {summary['report']}; "
-            f"{summary['seconds']:.0f} s in all", highlight=False,
-        )
+        _print_summary(console, summary, "tinymed demo")
+
+    @app.command("benchmark")
+    def benchmark(
+        model: str = typer.Option(..., "--model", help="Trained model: folder, Hub id or zoo name (tinymed-med-270m)."),
+        out: Path = typer.Option(..., "--out", help="Folder for variants/, baseline/, report/, summary.json."),
+        dataset: list[str] = typer.Option(..., "--dataset", help="Dataset name (repeatable; pairs with --path)."),
+        path: list[str] = typer.Option([], "--path", help="Its folder (repeatable, same order as --dataset)."),
+        quant: list[str] = typer.Option([], "--quant", help="Quantization methods (default: best measured 8/4-bit)."),
+        image_control: list[str] = typer.Option([], "--image-control", help="shuffled and/or blank, on fp32."),
+        eval_limit: int | None = typer.Option(None, "--eval-limit", min=1, help="Evaluate only N questions per dataset."),
+        max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1),
+        no_profile: bool = typer.Option(False, "--no-profile", help="Skip the memory/speed profile."),
+        device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    ) -> None:
+        """A trained model → FP/8-bit/4-bit → evaluate (+ image controls, question-only baseline) →
+        profile → Pareto report: the paper's tables for your model and data. Resumes evaluations."""
+        from pydantic import ValidationError
+
+        from tinymed.cli.progress import counting_progress
+        from tinymed.pipeline import BenchmarkConfig, run_benchmark
+        from tinymed.train import DatasetSpec
+
+        if len(path) not in (0, len(dataset)):
+            raise typer.BadParameter("give one --path per --dataset (or none, for Hub names)")
+        try:
+            config = BenchmarkConfig(
+                model=model, out_dir=out, quant_methods=quant or None, image_controls=image_control,
+                datasets=[DatasetSpec(name=d, path=p) for d, p in zip(dataset, path or [None] * len(dataset))],
+                eval_limit=eval_limit, max_new_tokens=max_new_tokens, device=device, profile=not no_profile,
+            )
+        except ValidationError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        console = Console()
+        summary = run_benchmark(config, progress=counting_progress, say=lambda m: console.rule(f"[bold]{m}"))
+        _print_summary(console, summary, f"tinymed benchmark {model}")
+
+
+def _print_summary(console: Console, summary: dict, title: str) -> None:
+    console.print(summary_table(summary, title))
+    gain = summary["model"]["llava_med"]["closed_accuracy"] - summary["baseline"]["llava_med"]["closed_accuracy"]
+    console.print(
+        f"closed accuracy: model beats the question-only baseline by {gain:+.1f} points; "
+        f"Pareto front: {', '.join(summary['pareto_front'])}; report: {summary['report']}; "
+        f"{summary['seconds']:.0f} s in all", highlight=False,
+    )

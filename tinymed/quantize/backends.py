@@ -49,12 +49,12 @@ def bnb_config(config: QuantConfig, device: str):
 
 def load_bnb(path: str | Path, device: str, config: QuantConfig, prequantized: bool):
     """Quantize while loading (or reload a bitsandbytes-saved folder) with transformers' integration."""
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     # On CPU, LLM.int8 casts fp32 inputs to fp16 on every matmul and logs a warning each time.
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     kwargs = {} if prequantized else {"quantization_config": bnb_config(config, device)}
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         str(path), dtype=compute_dtype(config, device), device_map=device, **kwargs
     )
     return model.eval()
@@ -62,9 +62,9 @@ def load_bnb(path: str | Path, device: str, config: QuantConfig, prequantized: b
 
 def _plain_model(path: str | Path, device: str, config: QuantConfig):
     """The full-precision model in the compute dtype on `device`, and the paths of its targeted linears."""
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         str(path), dtype=compute_dtype(config, device), device_map=device
     ).eval()
     return model, layer_names(model, config.prefixes(selected=True))

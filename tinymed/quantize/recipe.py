@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from tinymed.io import write_json_atomic
-from tinymed.models import LoadedModel, load_model, load_processor, resolve_device
+from tinymed.models import LoadedModel, load_model, load_processor, resolve_device, resolve_model
 from tinymed.quantize.registry import NO_QUANT, QuantConfig, check_targets, get_backend
 from tinymed.quantize.sizes import module_bytes, modules_bytes
 
@@ -72,6 +72,7 @@ def quantize_model(path: str | Path, config: QuantConfig, out_dir: str | Path, d
     backend = get_backend(config.method, device)
     check_targets(config, backend)
     out_dir = Path(out_dir)
+    path = resolve_model(path)
     full = load_model(path, device="cpu", dtype=torch.float32).model
     quantized = backend.load(path, device, config, prequantized=False)
     names = quantized_module_names(quantized, backend)
@@ -98,6 +99,7 @@ def load_for_inference(
     quantized on the fly with `quant` (a method name, or a full QuantConfig). `LoadedModel.quant` names
     the method ('none' if none)."""
     device = resolve_device(device)
+    path_or_id = resolve_model(path_or_id)
     recipe = read_recipe(path_or_id) if Path(str(path_or_id)).is_dir() else None
     if isinstance(quant, str):
         quant = None if quant in NO_QUANT else QuantConfig(method=quant)

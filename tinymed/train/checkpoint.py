@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, Field
+
+from tinymed.io import fsync_dir, fsync_tree
 
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
@@ -37,39 +38,6 @@ class TrainState(BaseModel):
     window_start: float = 0.0
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file under `folder`, then the folders themselves, to disk."""
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            with open(Path(root) / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_folder_atomic(target: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a fresh hidden folder beside `target`, fsync it, then rename it to `target`
-    (replacing an older `target`). Single-process helper: callers gate it with `is_main_process`."""
-    target = Path(target)
-    tmp = target.with_name(f".tmp-{target.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    _fsync_tree(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-    return target
-
-
 def save_checkpoint(accelerator, root: Path, state: TrainState, keep: int) -> Path:
     """Save the prepared objects + `state` as `root/step-{global_step}`; keep the newest `keep`.
     Every process must call it (each writes its own RNG state)."""
@@ -83,11 +51,11 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, keep: int) -> Pa
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(state.model_dump_json(indent=2), encoding="utf-8")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from tinymed.data.registry import DatasetSpec as _LoadSpec
+from tinymed.models.compose import ComposeConfig
 from tinymed.models.tiny import TinyConfig
 
 
@@ -42,11 +43,13 @@ class StageConfig(BaseModel):
 class FinetuneConfig(BaseModel):
     """A fine-tuning run: datasets (concatenated), the initial model, the stages, where to write.
 
-    `model` = any LLaVA checkpoint (folder or Hub id); None = the `tiny` preset built from the
-    training text. `save_every` and `log_every` count optimizer steps. `limit` caps each dataset."""
+    `model` = any LLaVA-style checkpoint (folder or Hub id); else `compose` = pretrained parts put
+    together at the start (e.g. Gemma-3-270M + EfficientNet-Lite0); neither = the `tiny` preset built
+    from the training text. `save_every` and `log_every` count optimizer steps. `limit` caps each dataset."""
 
     datasets: list[DatasetSpec] = Field(min_length=1)
     model: str | None = None
+    compose: ComposeConfig | None = None
     preset: Literal["tiny"] = "tiny"
     tiny: TinyConfig = Field(default_factory=TinyConfig)
     stages: list[StageConfig] = Field(min_length=1)

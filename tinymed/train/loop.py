@@ -18,14 +18,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tinymed.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
-from tinymed.train.checkpoint import TrainState, latest_checkpoint, read_state, save_checkpoint, write_folder_atomic
+from tinymed.io import append_jsonl, read_jsonl, write_folder_atomic, write_json_atomic, write_jsonl_atomic
+from tinymed.train.checkpoint import TrainState, latest_checkpoint, read_state, save_checkpoint
 from tinymed.train.config import FinetuneConfig, FinetuneResult, StageConfig
 from tinymed.train.data import Collator, EpochSampler, VQATrainDataset, load_training_samples, preset_texts
 from tinymed.train.stages import configure_stage, is_peft, merged, save_adapter, save_base
 
 MAX_GRAD_NORM = 1.0
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels")
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 
 
 @dataclass
@@ -65,16 +65,20 @@ def _precision() -> str:
 
 
 def _initial_model(config: FinetuneConfig, samples, accelerator, reuse: bool):
-    """(model, processor): `config.model` loaded, or the tiny preset built once into out_dir/init."""
+    """(model, processor): `config.model` loaded, or the composed model / tiny preset built once into
+    out_dir/init."""
     import torch
 
-    from tinymed.models import build_tiny_model, load_model
+    from tinymed.models import build_tiny_model, compose, load_model
 
     source = config.model
     if source is None:
         source = config.out_dir / "init"
         if accelerator.is_main_process and not (reuse and source.is_dir()):
-            model, processor = build_tiny_model(preset_texts(samples), config.tiny)
+            if config.compose is not None:
+                model, processor = compose(config.compose)
+            else:
+                model, processor = build_tiny_model(preset_texts(samples), config.tiny)
             write_folder_atomic(source, lambda tmp: save_base(model, processor, tmp))
         accelerator.wait_for_everyone()
     loaded = load_model(source, device="cpu", dtype=torch.float32)
@@ -138,7 +142,6 @@ def _run_stage(run: Run, index: int, stage: StageConfig, model):
     if stage.lora and not resuming and index > 0 and config.keep_adapter and acc.is_main_process:
         write_folder_atomic(run.out / "base", lambda tmp: save_base(model, run.processor, tmp))
     model = configure_stage(model, stage)
-    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
     sampler = EpochSampler(len(run.dataset), config.seed)
@@ -167,6 +170,23 @@ def _run_stage(run: Run, index: int, stage: StageConfig, model):
     return model if (last and config.keep_adapter) else merged(model)
 
 
+def answer_loss(model, batch: dict):
+    """Mean cross-entropy over the answer tokens, with LM-head logits computed only where a label is
+    (the same value as the model's own loss; a 262k-word head over every prompt position would be the
+    largest matmul of the step)."""
+    import torch
+    import torch.nn.functional as F
+
+    from tinymed.models import IGNORE_INDEX
+
+    targets = batch["labels"][:, 1:]
+    answer = targets != IGNORE_INDEX
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = answer  # the position before each answer token predicts it
+    logits = model(**{k: batch[k] for k in MODEL_INPUTS}, logits_to_keep=keep).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[answer])
+
+
 def _run_epoch(run: Run, index: int, stage: StageConfig, total: int, objects, task) -> None:
     """Iterate the rest of the current epoch (or as much of it as the stage's remaining steps need)."""
     model, optimizer, loader, scheduler, sampler = objects
@@ -178,7 +198,7 @@ def _run_epoch(run: Run, index: int, stage: StageConfig, total: int, objects, ta
     for batch in loader:
         with acc.accumulate(model):
             if "input_ids" in batch:
-                loss = model(**{k: batch[k] for k in MODEL_INPUTS}).loss
+                loss = answer_loss(model, batch)
                 acc.backward(loss)
                 step_loss, step_batches = step_loss + loss.item(), step_batches + 1
                 run.state.window_samples += len(batch["input_ids"]) * acc.num_processes

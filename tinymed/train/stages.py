@@ -13,11 +13,11 @@ This folder is a PEFT LoRA adapter on the language model (the projector{vision} 
 
 ```python
 from peft import PeftModel
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
-base = LlavaForConditionalGeneration.from_pretrained("{base}")
+base = AutoModelForImageTextToText.from_pretrained("{base}")
 model = PeftModel.from_pretrained(base, "{folder}")
-model = model.merge_and_unload()  # optional: a plain LlavaForConditionalGeneration
+model = model.merge_and_unload()  # optional: a plain transformers model
 processor = AutoProcessor.from_pretrained("{folder}")
 ```
 
@@ -26,7 +26,8 @@ processor = AutoProcessor.from_pretrained("{folder}")
 
 
 def _llava(model):
-    """The `LlavaModel` inside a LlavaForConditionalGeneration (the vision tower, projector and LM)."""
+    """The inner model of a LLaVA-style `...ForConditionalGeneration` (Llava, FastVLM): its vision
+    tower, projector and LM."""
     return model.model
 
 
@@ -43,17 +44,22 @@ def lora_target_pattern(model) -> str:
 
 
 def configure_stage(model, stage: StageConfig):
-    """Set `requires_grad` for `stage` (align: projector; instruct: projector + LM [+ vision with
-    `train_vision`]); with `stage.lora`, return the model wrapped as a peft LoRA model."""
+    """Set `requires_grad` and train/eval modes for `stage` (align: projector; instruct: projector + LM
+    [+ vision with `train_vision`]); with `stage.lora`, return the model wrapped as a peft LoRA model.
+    A frozen vision tower stays in eval mode (its batch-norm statistics, if any, must not drift)."""
     parts = _llava(model)
     model.requires_grad_(False)
     if stage.name == "instruct" and stage.lora:
-        return _with_lora(model, stage)
-    parts.multi_modal_projector.requires_grad_(True)
-    if stage.name == "instruct":
-        parts.language_model.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
-        parts.vision_tower.requires_grad_(stage.train_vision)
+        model = _with_lora(model, stage)
+    else:
+        parts.multi_modal_projector.requires_grad_(True)
+        if stage.name == "instruct":
+            parts.language_model.requires_grad_(True)
+            model.lm_head.requires_grad_(True)
+            parts.vision_tower.requires_grad_(stage.train_vision)
+    model.train()
+    if not stage.train_vision:
+        parts.vision_tower.eval()
     return model
 
 

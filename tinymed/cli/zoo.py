@@ -1,0 +1,82 @@
+"""CLI: `tinymed zoo` (the models tinymed ships by name) and `tinymed export hf`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+zoo_app = typer.Typer(help="Models tinymed ships by name: list, assemble, retrain.", no_args_is_help=True)
+export_app = typer.Typer(help="Write a model in a format other tools read.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `zoo` and `export` to the app."""
+    app.add_typer(zoo_app, name="zoo")
+    app.add_typer(export_app, name="export")
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """The shipped names, their parts and whether their trained weights are installed."""
+    from tinymed.models.zoo import ADAPTER_WEIGHTS, ZOO
+
+    table = Table(title="tinymed zoo")
+    for col in ("name", "language model", "vision", "image px", "weights"):
+        table.add_column(col)
+    for entry in ZOO.values():
+        ok = (entry.weights / ADAPTER_WEIGHTS).is_file()
+        table.add_row(entry.name, entry.parts.llm, entry.parts.vision, str(entry.parts.image_size),
+                      "installed" if ok else "missing")
+    Console().print(table)
+
+
+@zoo_app.command("assemble")
+def zoo_assemble(name: str = typer.Argument(..., help="A zoo name, e.g. tinymed-med-270m.")) -> None:
+    """Assemble NAME into the cache (done automatically on first use); prints the folder."""
+    from tinymed.models.zoo import assemble
+
+    Console().print(str(_or_exit(lambda: assemble(name))), highlight=False)
+
+
+@zoo_app.command("retrain")
+def zoo_retrain(
+    name: str = typer.Argument(..., help="A zoo name, e.g. tinymed-med-270m."),
+    data: Path = typer.Option(Path("../shared/data"), "--data", help="Folder holding vqa-rad/, slake/, pathvqa/."),
+    out: Path = typer.Option(..., "--out", help="Run folder (checkpoints, train_log.jsonl, final/)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in --out."),
+    ship: bool = typer.Option(False, "--ship", help="Copy the trained adapter into the package's shipped weights."),
+) -> None:
+    """Retrain NAME with the exact recipe its shipped weights came from (resumable)."""
+    from tinymed.train import finetune
+    from tinymed.train.recipes import ship_adapter, zoo_recipe
+
+    config = _or_exit(lambda: zoo_recipe(name, data, out))
+    result = _or_exit(lambda: finetune(config, resume=resume))
+    Console().print(f"steps {result.steps}, final loss {result.final_loss:.4f}, {result.seconds:.0f} s; "
+                    f"adapter: {result.model_dir}", highlight=False)
+    if ship:
+        Console().print(f"shipped to {_or_exit(lambda: ship_adapter(result.model_dir, name))}", highlight=False)
+
+
+@export_app.command("hf")
+def export_hf(
+    model: str = typer.Option(..., "--model", help="A zoo name, or a checkpoint folder."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (a plain transformers folder)."),
+) -> None:
+    """Write MODEL as a standard transformers folder: `AutoModelForImageTextToText.from_pretrained` +
+    `AutoProcessor.from_pretrained` load it, no custom code."""
+    from tinymed.models.export import export_hf as run_export
+
+    Console().print(f"wrote {_or_exit(lambda: run_export(model, out))}", highlight=False)
+
+
+def _or_exit(action):
+    """Run `action`; a known failure prints one clear line and exits 1."""
+    try:
+        return action()
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
