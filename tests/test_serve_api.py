@@ -4,6 +4,7 @@ stream and not), determinism against `generate_answers`, batching, limits and ev
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import sqlite3
@@ -21,7 +22,7 @@ from tinymed.models import generate_answers, load_model
 from tinymed.serve.app import STATIC, ServeConfig, create_app
 from tinymed.serve.background import BackgroundServer
 from tinymed.serve.batching import Batcher, BatchConfig, Failed, Finished, Job, QueueFull
-from tinymed.serve.images import ImageLimits
+from tinymed.serve.images import ImageError, ImageLimits, decode_image
 from tinymed.serve.security import UnsafeBindError, bearer_matches, check_bind, is_loopback
 
 TEXTS = ["is there a lesion in the left lung? yes no", "what modality is this? ct mri x-ray axial"] * 40
@@ -43,9 +44,13 @@ def user(question: str, url: str | None = None) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    folder = save_tiny_model(tmp_path_factory.mktemp("tiny"), TEXTS, text_layers=2, max_positions=256)
-    return load_model(folder, device="cpu")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), TEXTS, text_layers=2, max_positions=256)
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir):
+    return load_model(model_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -394,3 +399,171 @@ def test_full_queue_is_503_with_retry_after(lm, image):
     assert statuses[0] == 200 and 503 in statuses and set(statuses) <= {200, 503}
     busy = next(r for r in responses if r.status_code == 503)
     assert busy.headers["retry-after"] == "3" and busy.json()["error"]["code"] == "queue_full"
+
+
+# ---- hostile and odd input (issue 14) -------------------------------------------------------------------
+
+def test_stop_strings_are_capped_in_number_and_length(server, image):
+    body = {"model": "tiny", "messages": user(QUESTION, png_url(image)), "max_tokens": 40}
+    assert_error(post(server, body | {"stop": ["x" * 257]}), 400, "invalid_stop")
+    assert_error(post(server, body | {"stop": ["a", "b", "c", "d", "e"]}), 400, "invalid_stop")
+    assert_error(post(server, body | {"stop": ""}), 400, "invalid_stop")
+    longest = post(server, body | {"stop": ["\u2603" * 256] * 4})  # the most stop text allowed: answered
+    assert longest.status_code == 200, longest.text
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_tokens", True), ("stream", "yes"), ("temperature", "0.5"),
+                                              ("temperature", True), ("n", 1.0), ("stop", 3), ("model", 7),
+                                              ("stream_options", {"include_usage": 1})])
+def test_request_types_are_strict(server, field, value):
+    error = assert_error(post(server, {"model": "tiny", "messages": user(QUESTION), field: value}), 400,
+                         "invalid_request")
+    assert error["param"].startswith(field)
+
+
+def test_integer_temperature_and_null_fields_are_valid(server):
+    body = {"model": "tiny", "messages": user(QUESTION), "temperature": 0, "max_tokens": None, "stop": None,
+            "stream": None, "n": None, "max_completion_tokens": 3, "top_p": 1, "user": "x"}
+    assert post(server, body).status_code == 200
+    assert post(server, body | {"temperature": 1}).status_code == 200
+
+
+def test_wrong_method_and_bad_query_are_openai_errors(server):
+    error = assert_error(httpx.get(server.url + "/v1/chat/completions"), 405, "method_not_allowed")
+    assert error["type"] == "invalid_request_error"
+    error = assert_error(httpx.post(server.url + "/api/preview?frame=abc", content=jpeg_bytes()), 400,
+                         "invalid_request")
+    assert error["param"] == "query.frame"
+
+
+def test_an_image_in_a_system_message_is_used_not_dropped(client, image):
+    url = png_url(image)
+    system = [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": url}}]},
+              {"role": "user", "content": QUESTION}]
+    as_system = client.chat.completions.create(model="tiny", messages=system, max_tokens=8)
+    as_user = client.chat.completions.create(model="tiny", messages=user(QUESTION, url), max_tokens=8)
+    assert as_system.choices[0].message.content == as_user.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="data: URL"):
+        system[0]["content"][0]["image_url"]["url"] = "file:///etc/passwd"
+        client.chat.completions.create(model="tiny", messages=system, max_tokens=8)
+
+
+def test_the_body_must_be_json(server):
+    body = json.dumps({"model": "tiny", "messages": user(QUESTION)})
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"content-type": content_type} if content_type else {}
+        assert_error(post(server, None, content=body, headers=headers), 415, "unsupported_media_type")
+    assert post(server, None, content=body, headers={"content-type": "application/json; charset=utf-8"}).status_code == 200
+
+
+def test_without_a_key_only_this_machine_may_call(server):
+    port = server.port
+    assert_error(httpx.get(server.url + "/health", headers={"host": "evil.example"}), 403, "host_not_allowed")
+    assert_error(post(server, {"model": "tiny", "messages": user(QUESTION)}, headers={"host": f"rebind.example:{port}"}),
+                 403, "host_not_allowed")
+    assert_error(post(server, {"model": "tiny", "messages": user(QUESTION)}, headers={"origin": "https://evil.example"}),
+                 403, "origin_not_allowed")
+    assert_error(httpx.get(server.url + "/health", headers={"origin": "null"}), 403, "origin_not_allowed")
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "[::1]"):
+        assert httpx.get(server.url + "/health", headers={"host": host, "origin": f"http://{host}"}).status_code == 200
+
+
+def test_with_a_key_any_host_name_is_served(lm):
+    """A LAN bind needs a key; with one, clients reach it under whatever name they use."""
+    with BackgroundServer(create_app(lm, ServeConfig(api_key=KEY, model_name="tiny"))) as srv:
+        headers = {"host": "tinymed.clinic.lan:8000", "origin": "http://tinymed.clinic.lan:8000",
+                   "authorization": f"Bearer {KEY}"}
+        assert httpx.get(srv.url + "/v1/models", headers=headers).status_code == 200
+
+
+def test_pixel_bomb_is_refused_from_its_header():
+    """A 6300×6300 PNG of one colour is a few KB and would decode to 120 MB: refused before decoding."""
+    buf = io.BytesIO()
+    Image.new("L", (6300, 6300)).save(buf, format="PNG")
+    assert len(buf.getvalue()) < 100_000
+    with pytest.raises(ImageError, match="6300×6300") as info:
+        decode_image(buf.getvalue(), ImageLimits())
+    assert info.value.status == 413
+
+
+# ---- a slow engine: deadlines and clients that leave ------------------------------------------------------
+
+SLOW_STEP_S = 0.03
+
+
+@pytest.fixture(scope="module")
+def slow(model_dir, tmp_path_factory):
+    """A server whose model takes SLOW_STEP_S per token, one request at a time, one waiting at most."""
+    slow_lm = load_model(model_dir, device="cpu")
+    forward = slow_lm.model.forward
+
+    @functools.wraps(forward)  # generate() reads forward's signature
+    def slowed(*args, **kwargs):
+        time.sleep(SLOW_STEP_S)
+        return forward(*args, **kwargs)
+
+    slow_lm.model.forward = slowed
+    audit = tmp_path_factory.mktemp("slow") / "audit.sqlite"
+    config = ServeConfig(model_name="tiny", request_timeout_s=3.0, audit_db=audit,
+                         batch=BatchConfig(max_batch=1, max_queue=1))
+    with BackgroundServer(create_app(slow_lm, config)) as srv:
+        yield srv, audit
+
+
+LONG = {"model": "tiny", "messages": user(QUESTION), "max_tokens": 200, "stop": ["\u2603"]}  # ≥ 6 s of tokens
+SHORT = {"model": "tiny", "messages": user(QUESTION), "max_tokens": 2}
+
+
+def wait_idle(server, within_s: float) -> dict:
+    deadline = time.monotonic() + within_s
+    while (queue := httpx.get(server.url + "/health").json()["queue"])["running"] + queue["waiting"]:
+        assert time.monotonic() < deadline, f"server still busy: {queue}"
+        time.sleep(0.02)
+    return queue
+
+
+def test_deadline_frees_the_worker(slow):
+    server, _ = slow
+    t0 = time.monotonic()
+    assert_error(post(server, LONG), 504, "timeout")
+    assert time.monotonic() - t0 < 3.0 + 1.0 + 1.0
+    wait_idle(server, within_s=0.5)  # the row stopped at its deadline; it does not run on unseen
+    assert post(server, SHORT).status_code == 200
+
+
+def test_client_leaving_while_queued_frees_its_place(slow):
+    server, audit = slow
+    wait_idle(server, within_s=5)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(post, server, LONG)  # holds the worker until its deadline
+        deadline = time.monotonic() + 5
+        while httpx.get(server.url + "/health").json()["queue"]["running"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(httpx.ReadTimeout):  # queued behind the running request; gives up
+            httpx.post(server.url + "/v1/chat/completions", json=SHORT | {"messages": user("I leave")}, timeout=0.3)
+        deadline = time.monotonic() + 0.5
+        while (queue := httpx.get(server.url + "/health").json()["queue"])["waiting"]:
+            assert time.monotonic() < deadline, "the place of the client that left is still taken"
+            time.sleep(0.01)
+        assert queue["running"] == 1  # still the first request: the one that left was never started
+        assert post(server, SHORT).status_code == 200  # the one place in the queue was free again
+        assert running.result().status_code == 504
+    rows = sqlite3.connect(audit).execute("SELECT status, completion_tokens FROM requests ORDER BY time").fetchall()
+    assert rows[-3:] == [(499, None), (504, None), (200, 2)]
+
+
+def test_full_queue_is_refused_before_the_image_is_decoded(slow):
+    """The place in the queue is taken first: a full queue answers 503 even to a corrupt image."""
+    server, _ = slow
+    wait_idle(server, within_s=5)
+    corrupt = user(QUESTION, data_url(jpeg_bytes()[:1500], "image/jpeg"))
+    with ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(post, server, LONG | {"max_tokens": 25}) for _ in range(2)]
+        deadline = time.monotonic() + 5
+        while httpx.get(server.url + "/health").json()["queue"]["waiting"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert_error(post(server, {"model": "tiny", "messages": corrupt}), 503, "queue_full")
+        assert {b.result().status_code for b in busy} <= {200, 504}  # 504 on a slow machine
+    assert_error(post(server, {"model": "tiny", "messages": corrupt}), 400, "corrupt_image")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import sqlite3
+import time
 from pathlib import Path
 
 import httpx
@@ -13,7 +15,11 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
+from pydicom.tag import Tag
 
 from conftest import save_tiny_model
 from tinymed.models import generate_answers, load_model
@@ -40,6 +46,16 @@ def edited(name: str, **elements) -> bytes:
     ds = pydicom.dcmread(get_testdata_file(name))
     for key, value in elements.items():
         setattr(ds, key, value)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def raw_element(name: str, keyword: str, vr: str, value: bytes) -> bytes:
+    """A pydicom test file with one element's bytes replaced (any VR, any bytes), as bytes."""
+    ds = pydicom.dcmread(get_testdata_file(name))
+    tag = Tag(tag_for_keyword(keyword))
+    ds[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
     buf = io.BytesIO()
     ds.save_as(buf)
     return buf.getvalue()
@@ -155,10 +171,15 @@ def test_data_url_frame_parameter_and_label():
 # ---- through the server ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def audit_db(tmp_path_factory):
+    return tmp_path_factory.mktemp("audit") / "audit.sqlite"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, audit_db):
     folder = save_tiny_model(tmp_path_factory.mktemp("tiny"), ["is there a lesion? yes no ct mri"] * 40, text_layers=1)
     lm = load_model(folder, device="cpu")
-    with BackgroundServer(create_app(lm, ServeConfig(model_name="tiny"))) as server:
+    with BackgroundServer(create_app(lm, ServeConfig(model_name="tiny", audit_db=audit_db))) as server:
         yield lm, server
 
 
@@ -198,3 +219,61 @@ def test_dicom_errors_reach_the_client_without_patient_data(served, capfd):
     assert reply.status_code == 415 and "JPEG-LS" in reply.json()["error"]["message"]
     out, err = capfd.readouterr()
     assert PATIENT not in reply.text + out + err
+
+
+def audited(db) -> list[int]:
+    return [row[0] for row in sqlite3.connect(db).execute("SELECT status FROM requests ORDER BY rowid")]
+
+
+def _palette_without(*keywords: str) -> bytes:
+    ds = pydicom.dcmread(get_testdata_file("examples_palette.dcm"))
+    for keyword in keywords:
+        delattr(ds, keyword)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+MALFORMED = {  # name: (DICOM bytes, data URL parameters, status, words the error must contain)
+    "frame-superscript-two": (pydicom_bytes("rtdose.dcm"), ";frame=\u00b2", 400, "frame"),
+    "frame-arabic-indic-three": (pydicom_bytes("rtdose.dcm"), ";frame=\u0663", 400, "frame"),
+    "frame-5000-digits": (pydicom_bytes("rtdose.dcm"), ";frame=" + "9" * 5000, 400, "frame"),
+    "palette-without-tables": (_palette_without(*(f"{c}PaletteColorLookupTableData" for c in ("Red", "Green", "Blue"))),
+                               "", 400, "PaletteColorLookupTableData"),
+    "window-width-zero": (edited("MR_small.dcm", WindowWidth=0), "", 400, "WindowWidth"),
+    "window-width-text": (raw_element("MR_small.dcm", "WindowWidth", "DS", b"wide"), "", 400, "WindowWidth"),
+    "window-centre-nan": (raw_element("MR_small.dcm", "WindowCenter", "DS", b"nan "), "", 400, "WindowCenter"),
+    "window-without-width": (raw_element("MR_small.dcm", "WindowWidth", "DS", b""), "", 400, "WindowWidth"),
+    "empty-modality-lut-item": (edited("CT_small.dcm", ModalityLUTSequence=[Dataset()]), "", 400, "ModalityLUTSequence"),
+    "empty-voi-lut-item": (edited("MR_small.dcm", VOILUTSequence=[Dataset()]), "", 400, "VOILUTSequence"),
+    "rescale-slope-text": (raw_element("CT_small.dcm", "RescaleSlope", "DS", b"x "), "", 400, "RescaleSlope"),
+    "rows-zero": (edited("CT_small.dcm", Rows=0), "", 400, "Rows"),
+    "rows-as-text": (raw_element("CT_small.dcm", "Rows", "LO", b"many"), "", 400, "Rows"),
+    "bits-stored-over-allocated": (edited("CT_small.dcm", BitsStored=17), "", 400, "BitsStored"),
+    "frames-negative": (edited("rtdose.dcm", NumberOfFrames=-3), "", 400, "NumberOfFrames"),
+    "no-photometric": (raw_element("CT_small.dcm", "PhotometricInterpretation", "CS", b""), "", 400,
+                       "PhotometricInterpretation"),
+    "rgb-with-one-sample": (edited("CT_small.dcm", PhotometricInterpretation="RGB"), "", 400, "SamplesPerPixel"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_dicom_values_are_named_4xx_and_audited(served, audit_db, case, capfd):
+    """Each was a 500 with a traceback, unaudited (issue 14): now a 4xx naming the element, audited."""
+    _, server = served
+    data, params, status, words = MALFORMED[case]
+    audited_before = len(audited(audit_db))
+    url = f"data:application/dicom{params};base64," + base64.b64encode(data).decode()
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "q"}]}]}
+    reply = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert words in error["message"] and error["type"] == "invalid_request_error" and error["param"] == "messages"
+    deadline = time.monotonic() + 5  # the row is written as the response ends
+    while len(statuses := audited(audit_db)) == audited_before:
+        assert time.monotonic() < deadline, "not audited"
+        time.sleep(0.02)
+    assert statuses[audited_before:] == [status]
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err

@@ -29,14 +29,16 @@ from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from tinymed.serve import protocol
 from tinymed.serve.audit import AuditLog
 from tinymed.serve.batching import Batcher, BatchConfig, Delta, Failed, Finished, Job, QueueFull
-from tinymed.serve.calls import Call, ChatCalls
+from tinymed.serve.calls import CLIENT_CLOSED, Call, ChatCalls
 from tinymed.serve.engine import Engine
 from tinymed.serve.images import DecodedImage, ImageError, ImageLimits, decode_data_url, decode_image, png_data_url
-from tinymed.serve.middleware import BodyLimit, LoopbackOnly, SecurityHeaders, error_response
+from tinymed.serve.memory import memory_in_use, release_freed_memory
+from tinymed.serve.middleware import BodyLimit, LoopbackOnly, ReleaseMemoryWhenIdle, SecurityHeaders, error_response
 from tinymed.serve.protocol import ApiError
 from tinymed.serve.security import bearer_matches
 
@@ -68,18 +70,6 @@ def load_served_model(model: str, device: str = "auto", quant: str | None = None
     from tinymed.quantize import load_for_inference
 
     return load_for_inference(model, device=device, quant=quant)
-
-
-def memory_in_use(device: str) -> dict:
-    """Resident memory of this process and, on CUDA, memory held by tensors (bytes)."""
-    import psutil
-
-    info = {"rss_bytes": psutil.Process().memory_info().rss}
-    if device.startswith("cuda"):
-        import torch
-
-        info["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
-    return info
 
 
 def _validation_error(exc: ValidationError | RequestValidationError) -> ApiError:
@@ -132,6 +122,7 @@ def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
         app.add_middleware(LoopbackOnly)
     app.add_middleware(ChatCalls, audit=audit, model=model_name, quant=lm.quant)
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(ReleaseMemoryWhenIdle, release=release_freed_memory)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -144,6 +135,10 @@ def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         return error_response(_validation_error(exc))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, exc: ClientDisconnect):  # while its body was being read
+        return error_response(ApiError(CLIENT_CLOSED, "client closed the request", "client_closed"))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):  # logged by the server with its traceback

@@ -176,6 +176,7 @@ class Batcher:
                     job.emit(Failed(500, f"generation failed ({type(exc).__name__})", "generation_failed"))
             finally:
                 self._busy = 0
+                del batch  # not kept (with its images) while the worker waits for the next one
 
     def _take_companion(self, key: float) -> Job | None:
         for job in self._pending:

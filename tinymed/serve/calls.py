@@ -15,12 +15,7 @@ from tinymed.serve.batching import Batcher, Failed, Job
 CHAT_PATH = "/v1/chat/completions"
 DEADLINE_GRACE_S = 1.0  # the engine fails a late row itself; the server answers 504 this much later at most
 CLIENT_CLOSED = 499  # nginx's status for a client that left before the answer
-
-
-async def _disconnected(receive) -> None:
-    """Returns when the client has gone (call after the request body has been read)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
+GONE = Failed(CLIENT_CLOSED, "client closed the request", "client_closed")
 
 
 class Call:
@@ -36,7 +31,7 @@ class Call:
         self._audited = False
         self._job: Job | None = None
         self._batcher: Batcher | None = None
-        self._gone: asyncio.Future | None = None
+        self._watcher: asyncio.Task | None = None
 
     def emitter(self):
         """The job's `emit`: hands worker-thread events to the event loop."""
@@ -51,24 +46,27 @@ class Call:
         return emit
 
     def attach(self, job: Job, batcher: Batcher, receive) -> None:
-        """The job is queued: from now on a client that leaves, or a deadline that passes, cancels it."""
+        """The job is queued: from now on a client that leaves (seen on `receive`, the request body being
+        read) or a deadline that passes takes it out of the queue or stops its row."""
         self._job, self._batcher = job, batcher
-        self._gone = asyncio.ensure_future(_disconnected(receive))
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._batcher.cancel(self._job)
+        self.events.put_nowait(GONE)
 
     async def next_event(self):
-        """The job's next event; `Failed` 499 when the client has gone, 504 when the deadline (plus a grace
-        second) has passed — both take the job out of the queue or stop its row."""
+        """The job's next event: `GONE` (499) when the client has left, `Failed` 504 when the deadline
+        (plus a grace second) has passed."""
         job = self._job
-        getter = asyncio.ensure_future(self.events.get())
         timeout = max(job.deadline - time.monotonic() + DEADLINE_GRACE_S, 0.01)
-        done, _ = await asyncio.wait({getter, self._gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        self._batcher.cancel(job)
-        if self._gone in done:
-            return Failed(CLIENT_CLOSED, "client closed the request", "client_closed")
-        return Failed(504, "request timed out", "timeout")
+        try:
+            return await asyncio.wait_for(self.events.get(), timeout)
+        except TimeoutError:
+            self._batcher.cancel(job)
+            return Failed(504, "request timed out", "timeout")
 
     def audit(self, status: int, prompt_tokens: int | None = None, completion_tokens: int | None = None) -> None:
         """Write the audit row (once; later calls do nothing)."""
@@ -83,10 +81,11 @@ class Call:
 
     def close(self) -> None:
         """The request is over: stop watching the client, and stop the job if it is still queued or running."""
-        if self._gone is not None:
-            self._gone.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._job is not None:
             self._batcher.cancel(self._job)
+            self._job = None  # its image is freed now, not when the server drops the request's scope
 
 
 class ChatCalls:

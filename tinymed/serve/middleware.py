@@ -1,9 +1,10 @@
 """ASGI middleware of `tinymed serve` (plain ASGI, not Starlette's `BaseHTTPMiddleware`, which hides a
-client's disconnect from the app): security headers, the body-size limit, and the loopback guard of a
-server without an API key."""
+client's disconnect from the app): security headers, the body-size limit, the loopback guard of a
+server without an API key, and giving freed memory back when the server falls idle."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -103,3 +104,23 @@ class LoopbackOnly:
         else:
             return await self.app(scope, receive, send)
         await error_response(error)(scope, receive, send)
+
+
+class ReleaseMemoryWhenIdle:
+    """When the last request in flight has ended, `release()` (hand freed memory back to the OS: see
+    `tinymed.serve.memory`)."""
+
+    def __init__(self, app, release: Callable[[], None]):
+        self.app, self.release = app, release
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.release()
