@@ -9,7 +9,7 @@ negative, huge, to another VR, to text or to garbage bytes), and clients that le
 Invariants, for every request: never a 500 (503 shedding and 504 past the deadline are designed
 answers), an OpenAI error object whenever it is not 200, the answer or the error within the deadline, one
 audit row per chat completion, no traceback in the log, and an idle server (nothing waiting or running)
-once the clients have gone.
+once the clients have gone — within one model step of the deadline, at most `DRAIN_S` later.
 
 Bounded for CI by default (`FUZZ_EXAMPLES` per property and engine, fixed seed); for a long run set
 `TINYMED_FUZZ_EXAMPLES=N` (then seeds are random), e.g.
@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -60,6 +60,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
 ENGINES = ["none", *available_methods("cpu")]
 TIMEOUT_S = 5.0
 ANSWER_WITHIN_S = TIMEOUT_S + DEADLINE_GRACE_S + 2.0  # the deadline, its grace, and a loaded 2-core machine
+DRAIN_S = 30.0  # a row stops at its next model step; one step of a float32 int4 model on a starved core is slow
 MODEL = "tiny"
 CHAT = "/v1/chat/completions"
 
@@ -85,8 +86,9 @@ class Fuzzed:
     tracebacks: Tracebacks
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def audited(self) -> int:
-        return self.audit.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+    def mark(self) -> tuple[int, int]:
+        """(audit rows, tracebacks) so far: what `check_server` compares against."""
+        return self.audit.execute("SELECT COUNT(*) FROM requests").fetchone()[0], len(self.tracebacks.seen)
 
 
 @pytest.fixture(scope="module")
@@ -129,17 +131,18 @@ def check_answer(status: int, body: bytes, seconds: float) -> None:
     assert seconds < ANSWER_WITHIN_S, f"answered after {seconds:.1f} s"
 
 
-def check_server(fuzzed: Fuzzed, audited_before: int, requests: int) -> None:
-    """Every chat completion audited once, nothing left waiting or running, no traceback logged."""
-    deadline = time.monotonic() + ANSWER_WITHIN_S
+def check_server(fuzzed: Fuzzed, mark: tuple[int, int], requests: int) -> None:
+    """Since `mark`: every chat completion audited once, no traceback logged; and nothing left waiting or
+    running."""
+    deadline = time.monotonic() + DRAIN_S
     while True:
         queue = httpx.get(fuzzed.url + "/health").json()["queue"]
-        audited = fuzzed.audited()
-        if (queue["waiting"], queue["running"], audited) == (0, 0, audited_before + requests):
+        audited = fuzzed.mark()[0] - mark[0]
+        if (queue["waiting"], queue["running"], audited) == (0, 0, requests):
             break
-        assert time.monotonic() < deadline, f"queue {queue}, audited {audited - audited_before} of {requests}"
+        assert time.monotonic() < deadline, f"queue {queue}, audited {audited} of {requests}"
         time.sleep(0.02)
-    assert not fuzzed.tracebacks.seen, fuzzed.tracebacks.seen[0]
+    assert not fuzzed.tracebacks.seen[mark[1]:], fuzzed.tracebacks.seen[mark[1]]
 
 
 def send(fuzzed: Fuzzed, path: str, content: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
@@ -154,9 +157,9 @@ def send(fuzzed: Fuzzed, path: str, content: bytes, headers: dict[str, str]) -> 
 def chat(fuzzed: Fuzzed, body: bytes, headers: dict[str, str] | None = None) -> int:
     """One chat completion, checked; returns its status."""
     with fuzzed.lock:
-        before = fuzzed.audited()
+        mark = fuzzed.mark()
         status, _ = send(fuzzed, CHAT, body, {"content-type": "application/json"} | (headers or {}))
-        check_server(fuzzed, before, 1)
+        check_server(fuzzed, mark, 1)
     return status
 
 
@@ -174,8 +177,9 @@ def check_image(fuzzed: Fuzzed, data: bytes, url: str, frame: str | None = None)
     """The same bytes through the page's preview (raw body) and the API (data URL)."""
     query = "" if frame is None else "?frame=" + frame
     with fuzzed.lock:
+        mark = fuzzed.mark()
         send(fuzzed, "/api/preview" + query, data, {"content-type": "application/octet-stream"})
-        assert not fuzzed.tracebacks.seen, fuzzed.tracebacks.seen[0]
+        check_server(fuzzed, mark, 0)
     chat(fuzzed, ask_about(url))
 
 
@@ -410,6 +414,7 @@ def _with_transfer_syntax(data: bytes, uid: bytes) -> bytes:
 
 
 @FUZZ
+@example(uid=b"1.2.840.10008.1.2.1\\1.2")  # found by this suite: two values, a 500 until fixed
 @given(uid=st.sampled_from([b"1.2.840.10008.1.2.1", b"1.2.840.10008.1.2.4.50", b"1.2.840.10008.1.2.5",
                             b"1.2.840.10008.1.2.4.80", b"1.2.3", b"", b"not a uid", b"9" * 80]) | st.binary(max_size=70))
 def test_any_transfer_syntax(served, uid):
@@ -437,11 +442,11 @@ def test_clients_that_leave_free_their_place(served, busy, leavers):
     afterwards every request is audited and nothing is left waiting or running."""
     body = {"model": MODEL, "max_tokens": 8, "stop": ["\u2603"], "messages": [{"role": "user", "content": "lesion?"}]}
     with served.lock:
-        before = served.audited()
+        mark = served.mark()
         with ThreadPoolExecutor(busy + len(leavers)) as pool:
             answered = [pool.submit(send, served, CHAT, json.dumps(body | {"stream": i % 2 == 1}).encode(),
                                     {"content-type": "application/json"}) for i in range(busy)]
             for stream, patience in leavers:
                 pool.submit(_leave, served.url, json.dumps(body | {"stream": stream}).encode(), stream, patience)
             assert all(a.result()[0] in (200, 503, 504) for a in answered)
-        check_server(served, before, busy + len(leavers))
+        check_server(served, mark, busy + len(leavers))

@@ -264,10 +264,11 @@ def _sop_class_name(ds) -> str:
 def _decode_frame(ds, index: int | None) -> np.ndarray:
     """Decoded pixels of one frame (YBR converted to RGB); 415 when no installed decoder handles the syntax."""
     from pydicom.pixels import get_decoder, pixel_array
+    from pydicom.uid import UID
 
     syntax = _value(ds.file_meta, "TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    if syntax is None:
-        raise ImageError("DICOM file meta has no transfer syntax", code="invalid_dicom")
+    if not isinstance(syntax, UID):  # absent, or several values
+        raise ImageError("DICOM file meta TransferSyntaxUID is missing or not one UID", code="invalid_dicom")
     syntax_label = f"{syntax.name} ({syntax})" if syntax.is_valid else "(a malformed UID)"
     try:
         decoder = get_decoder(syntax)
