@@ -8,6 +8,7 @@ returned unchanged, so every stage that takes `--model` accepts a zoo name.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from tinymed.models.compose import ComposeConfig
 ZOO_ROOT = Path(__file__).with_name("zoo")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODEL_CARD = "README.md"
+SHIPPED_FILES = ("adapter_config.json", ADAPTER_WEIGHTS, MODEL_CARD)  # what the assembled folder depends on
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,8 @@ def is_zoo_name(source: str | Path) -> bool:
 
 
 def assembled_folder(name: str) -> Path:
-    """Where `name`'s assembled model is cached: keyed by the shipped weights' SHA-256, so new
-    weights assemble anew and old assemblies are never reused for them."""
+    """Where `name`'s assembled model is cached: keyed by the SHA-256 of its shipped files (adapter
+    weights and config, model card), so new weights or card assemble anew, never reusing an old one."""
     from tinymed.models.parts import cache_dir, sha256_file
 
     entry = ZOO[name]
@@ -55,7 +57,10 @@ def assembled_folder(name: str) -> Path:
             f"{name}: its trained weights ({weights}) are not in this installation; retrain them with "
             f"`tinymed zoo retrain {name}`"
         )
-    return cache_dir() / "models" / sha256_file(weights)[:16] / name
+    digest = hashlib.sha256()
+    for file in SHIPPED_FILES:
+        digest.update(sha256_file(entry.weights / file).encode())
+    return cache_dir() / "models" / digest.hexdigest()[:16] / name
 
 
 def assemble(name: str, target: Path | None = None) -> Path:

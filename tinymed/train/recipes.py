@@ -14,7 +14,6 @@ from tinymed.train.config import FinetuneConfig
 
 RECIPE_FILE = "recipe.json"
 DATA_SLOT = "{data}"
-SHIPPED_FILES = ("adapter_config.json", ADAPTER_WEIGHTS)
 
 
 def zoo_recipe(name: str, data_root: str | Path, out_dir: str | Path) -> FinetuneConfig:
@@ -30,7 +29,7 @@ def zoo_recipe(name: str, data_root: str | Path, out_dir: str | Path) -> Finetun
 
 def ship_adapter(run_final: Path, name: str) -> Path:
     """Copy a finished run's adapter (LoRA + projector) into `name`'s shipped-weights folder."""
-    missing = [f for f in SHIPPED_FILES if not (run_final / f).is_file()]
+    missing = [f for f in ("adapter_config.json", ADAPTER_WEIGHTS) if not (run_final / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{run_final} is not a LoRA adapter folder (missing {', '.join(missing)}); "
                                 "the recipe must train with keep_adapter")
