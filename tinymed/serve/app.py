@@ -37,7 +37,7 @@ from tinymed.serve.batching import Batcher, BatchConfig, Delta, Failed, Finished
 from tinymed.serve.calls import CLIENT_CLOSED, Call, ChatCalls
 from tinymed.serve.engine import Engine
 from tinymed.serve.images import DecodedImage, ImageError, ImageLimits, decode_data_url, decode_image, png_data_url
-from tinymed.serve.memory import memory_in_use, release_freed_memory
+from tinymed.serve.memory import memory_in_use, release_freed_memory, startup_heap_frozen
 from tinymed.serve.middleware import BodyLimit, LoopbackOnly, ReleaseMemoryWhenIdle, SecurityHeaders, error_response
 from tinymed.serve.protocol import ApiError
 from tinymed.serve.security import bearer_matches
@@ -109,9 +109,10 @@ def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher.start()
-        yield
-        await run_in_threadpool(batcher.stop)
+        with startup_heap_frozen():
+            batcher.start()
+            yield
+            await run_in_threadpool(batcher.stop)
         if audit is not None:
             audit.close()
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
 from tinymed.serve.batching import Delta, Failed, Finished, Job, Started
 
 
@@ -120,9 +123,6 @@ class Engine:
 
     def run_batch(self, jobs: list[Job]) -> None:
         """Generate for all jobs together; every job gets exactly one final event (or none if cancelled)."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
         from tinymed.models.generate import generation_kwargs, prepare_inputs
 
         inputs = prepare_inputs(self.lm, [j.image for j in jobs], [j.question for j in jobs])
@@ -132,19 +132,26 @@ class Engine:
         live = [r for r in rows if not r.done]
         if not live:
             return
-        engine = self
-
-        class RowStopper(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                for row, generated in zip(rows, input_ids[:, prompt_len:].tolist()):
-                    if not row.done:
-                        row.update(*engine._split(generated), engine._decode)
-                return torch.tensor([r.done for r in rows], device=input_ids.device)
-
         kwargs = generation_kwargs(self.lm, max(r.job.max_tokens for r in live), live[0].job.temperature)
+        stopper = StoppingCriteriaList([_RowStopper(self, rows, prompt_len)])
         with torch.inference_mode():
-            out = self.lm.model.generate(**inputs, **kwargs, stopping_criteria=StoppingCriteriaList([RowStopper()]))
+            out = self.lm.model.generate(**inputs, **kwargs, stopping_criteria=stopper)
         for row, generated in zip(rows, out[:, prompt_len:].tolist()):  # rows the criterion never closed
             if not row.done:
                 tokens, ended = self._split(generated)
                 row.finish(self._decode(tokens).strip(), "stop" if ended else "length", len(tokens))
+
+
+class _RowStopper(StoppingCriteria):
+    """After each step: every open row looks at its new tokens (streams, stops, fails); a row is done when
+    it says so. A module-level class on purpose: one defined per batch would hold the batch's rows (and
+    their images) in a reference cycle until the garbage collector runs."""
+
+    def __init__(self, engine: Engine, rows: list[_Row], prompt_len: int):
+        self.engine, self.rows, self.prompt_len = engine, rows, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        for row, generated in zip(self.rows, input_ids[:, self.prompt_len :].tolist()):
+            if not row.done:
+                row.update(*self.engine._split(generated), self.engine._decode)
+        return torch.tensor([r.done for r in self.rows], device=input_ids.device)
