@@ -61,9 +61,10 @@ def test_zoo(cache, tmp_path_factory):
     weights = tmp_path_factory.mktemp("weights")
     save_adapter(peft_model, processor, weights, "test base", weights)
     (weights / zoo.MODEL_CARD).write_text("# test-med\n", encoding="utf-8")
+    (weights / zoo.RECIPE_FILE).write_text(json.dumps({"compose": PARTS.model_dump()}), encoding="utf-8")
     reference = merged(peft_model).eval()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(zoo.ZOO, "test-med", zoo.ZooModel("test-med", PARTS, weights))
+        mp.setitem(zoo.ZOO, "test-med", zoo.ZooModel("test-med", weights))
         yield "test-med", reference
 
 

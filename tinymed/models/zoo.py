@@ -9,6 +9,7 @@ returned unchanged, so every stage that takes `--model` accepts a zoo name.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,25 +20,27 @@ from tinymed.models.compose import ComposeConfig
 ZOO_ROOT = Path(__file__).with_name("zoo")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MODEL_CARD = "README.md"
-SHIPPED_FILES = ("adapter_config.json", ADAPTER_WEIGHTS, MODEL_CARD)  # what the assembled folder depends on
+RECIPE_FILE = "recipe.json"
+SHIPPED_FILES = ("adapter_config.json", ADAPTER_WEIGHTS, MODEL_CARD, RECIPE_FILE)  # what assembly depends on
 
 
 @dataclass(frozen=True)
 class ZooModel:
-    """A named model: the parts it is composed from and the folder of its shipped trained weights
-    (adapter_config.json, adapter_model.safetensors, README.md = the model card, recipe.json)."""
+    """A named model: the folder of its shipped trained weights (adapter_config.json,
+    adapter_model.safetensors, README.md = the model card, recipe.json = how they were trained)."""
 
     name: str
-    parts: ComposeConfig
     weights: Path
+
+    @property
+    def parts(self) -> ComposeConfig:
+        """The pretrained parts the weights were trained on: the recipe's `compose` (one source of truth)."""
+        recipe = json.loads((self.weights / RECIPE_FILE).read_text(encoding="utf-8"))
+        return ComposeConfig.model_validate(recipe["compose"])
 
 
 ZOO: dict[str, ZooModel] = {
-    "tinymed-med-270m": ZooModel(
-        "tinymed-med-270m",
-        ComposeConfig(llm="gemma-3-270m-gguf", vision="efficientnet-lite0", image_size=224),
-        ZOO_ROOT / "tinymed-med-270m",
-    ),
+    "tinymed-med-270m": ZooModel("tinymed-med-270m", ZOO_ROOT / "tinymed-med-270m"),
 }
 
 
@@ -47,7 +50,8 @@ def is_zoo_name(source: str | Path) -> bool:
 
 def assembled_folder(name: str) -> Path:
     """Where `name`'s assembled model is cached: keyed by the SHA-256 of its shipped files (adapter
-    weights and config, model card), so new weights or card assemble anew, never reusing an old one."""
+    weights and config, model card, recipe), so new weights, card or parts assemble anew, never reusing
+    an old one."""
     from tinymed.models.parts import cache_dir, sha256_file
 
     entry = ZOO[name]

@@ -9,10 +9,9 @@ import shutil
 from pathlib import Path
 
 from tinymed.io import write_json_atomic
-from tinymed.models.zoo import ADAPTER_WEIGHTS, ZOO
+from tinymed.models.zoo import ADAPTER_WEIGHTS, RECIPE_FILE, ZOO
 from tinymed.train.config import FinetuneConfig
 
-RECIPE_FILE = "recipe.json"
 DATA_SLOT = "{data}"
 
 
