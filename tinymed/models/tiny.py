@@ -1,57 +1,47 @@
-"""The `tiny` preset: a randomly initialised LLaVA (SigLIP-style tower + mlp2x_gelu + Llama) that trains
-in minutes on 2 CPU cores. Same classes and on-disk format as a real model; only sizes differ."""
+"""The `tiny` preset: a small LLaVA-style model with a random-init Llama LM (tokenizer trained locally)
+that trains in minutes on 2 CPU cores. Same classes and on-disk format as a real model; only sizes differ.
+
+Two towers: a random-init SigLIP-style ViT (`LlavaForConditionalGeneration`; the default, cheapest to
+build, what most tests use) or the ImageNet-pretrained EfficientNet-Lite0 (`FastVlmForConditionalGeneration`,
+put together by `compose_fastvlm` exactly as the real model is; its image tokens are the last feature map,
+(image_size / 32)² of 1280 channels)."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from tinymed.models.compose import VISION_LITE0, ComposeConfig, compose_fastvlm
 from tinymed.models.template import TINYMED_CHAT_TEMPLATE
 from tinymed.models.tokenizer import IMAGE, train_tokenizer
 
 
 class TinyConfig(BaseModel):
-    """Sizes of the tiny preset (defaults ≈ 1M parameters; 16 image tokens).
+    """Sizes of the tiny preset (defaults: SigLIP-style tower, ≈1M parameters, 16 image tokens)."""
 
-    Chosen by measurement (2026-11-28, 2 CPU cores, default synthetic set): from scratch, a 2-layer,
-    128-wide LM with 16 image tokens learns to read the image within the demo's time budget; a
-    4-layer, 256-wide LM with 64 image tokens only learned the question-only prior in the same time."""
-
+    vision: Literal["siglip", "efficientnet-lite0"] = Field(
+        "siglip", description="random-init SigLIP-style ViT, or the pretrained EfficientNet-Lite0 (FastVLM)")
     image_size: int = Field(64, description="input resolution in pixels (square)")
-    patch_size: int = 16
-    vision_hidden: int = 128
-    vision_layers: int = 2
+    patch_size: int = Field(16, description="SigLIP patch side (Lite0: fixed stride 32)")
+    vision_hidden: int = Field(128, description="SigLIP width (Lite0: 1280 channels)")
+    vision_layers: int = Field(2, description="SigLIP depth")
     text_hidden: int = 128
     text_layers: int = 2
     heads: int = 4
     vocab_size: int = 2000
     max_positions: int = 512
-    vision_feature_layer: int = Field(-1, description="which vision hidden layer feeds the projector")
+    vision_feature_layer: int = Field(-1, description="which SigLIP hidden layer feeds the projector")
     seed: int = 0
 
 
 def build_tiny_model(texts: Iterable[str], config: TinyConfig = TinyConfig()):
-    """Train a tokenizer on `texts` and build a random-init tiny LLaVA. Returns (model, processor)."""
-    import torch
-    from transformers import (
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        SiglipImageProcessorPil,
-        SiglipVisionConfig,
-    )
+    """Train a tokenizer on `texts` and build a tiny model with a random-init LM. Returns (model, processor)."""
+    from transformers import LlamaConfig
 
     tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
-    vision = SiglipVisionConfig(
-        hidden_size=config.vision_hidden,
-        intermediate_size=config.vision_hidden * 2,
-        num_hidden_layers=config.vision_layers,
-        num_attention_heads=config.heads,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-    )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.text_hidden,
@@ -63,6 +53,42 @@ def build_tiny_model(texts: Iterable[str], config: TinyConfig = TinyConfig()):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+    )
+    build = _lite0_fastvlm if config.vision == VISION_LITE0 else _siglip_llava
+    return build(tokenizer, text, config)
+
+
+def _lite0_fastvlm(tokenizer, text, config: TinyConfig):
+    """The pretrained Lite0 tower + a fresh projector + the random LM, composed like the real model."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(config.seed)
+    with tempfile.TemporaryDirectory(prefix="tinymed-tiny-lm-") as folder:
+        LlamaForCausalLM(text).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return compose_fastvlm(ComposeConfig(llm=folder, vision=VISION_LITE0, image_size=config.image_size,
+                                             seed=config.seed))
+
+
+def _siglip_llava(tokenizer, text, config: TinyConfig):
+    """A random-init SigLIP-style ViT + mlp2x_gelu projector + the random LM, as a LLaVA."""
+    import torch
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipImageProcessorPil,
+        SiglipVisionConfig,
+    )
+
+    vision = SiglipVisionConfig(
+        hidden_size=config.vision_hidden,
+        intermediate_size=config.vision_hidden * 2,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=config.heads,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
     )
     llava = LlavaConfig(
         vision_config=vision,
@@ -88,3 +114,4 @@ def build_tiny_model(texts: Iterable[str], config: TinyConfig = TinyConfig()):
         num_additional_image_tokens=0,
     )
     return model, processor
+

@@ -1,0 +1,92 @@
+"""What makes the demo's tiny model read its images: each lever trained the same way on the synthetic set.
+
+Every row fine-tunes one tiny-preset variant (align stage, then the instruct stage for `--epochs`) on the
+train split and scores fp32 greedy answers on the test split: closed accuracy and open recall (LLaVA-Med),
+and closed accuracy per question kind, beside the question-only baseline of the same train split. Levers:
+the tower (random SigLIP-style ViT frozen as before, the same ViT trained, ImageNet EfficientNet-Lite0
+frozen), input resolution and image-token count, and (`--n-train`) how many training questions the
+generator writes (the test split does not depend on it).
+
+    .venv/bin/python bench/demo_levers.py --levers vit-frozen,vit-trained,lite0-128 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from tinymed.data import load_dataset
+from tinymed.data.synthetic import SynthConfig, ensure_default_dataset
+from tinymed.evaluate.baseline import QuestionOnlyBaseline
+from tinymed.evaluate.metrics import score_predictions
+from tinymed.evaluate.runner import EvalConfig, evaluate, prediction_record
+from tinymed.models import TinyConfig
+from tinymed.train import DatasetSpec, FinetuneConfig, finetune
+from tinymed.train.config import StageConfig
+
+KINDS = ("ABN", "COLOR", "COUNT", "MODALITY", "ORGAN", "PLANE", "POS", "PRES", "SIZE")
+LEVERS: dict[str, tuple[TinyConfig, bool]] = {  # name → (model, whether the instruct stage trains the tower)
+    "vit-frozen": (TinyConfig(), False),  # the demo before issue 13: random tower, never trained
+    "vit-trained": (TinyConfig(), True),
+    "vit-trained-128": (TinyConfig(image_size=128, patch_size=32), True),
+    "lite0-96": (TinyConfig(vision="efficientnet-lite0", image_size=96), False),
+    "lite0-128": (TinyConfig(vision="efficientnet-lite0", image_size=128), False),
+    "lite0-160": (TinyConfig(vision="efficientnet-lite0", image_size=160), False),
+    "lite0-224": (TinyConfig(vision="efficientnet-lite0", image_size=224), False),
+}
+
+
+def _row(name: str, metrics: dict, seconds: float | None) -> list[str]:
+    def cell(value) -> str:
+        return "—" if value is None else f"{value:.1f}"
+
+    kinds = metrics["by"].get("question_type", {})
+    per_kind = [cell(kinds[k]["llava_med"]["closed_accuracy"]) if k in kinds else "—" for k in KINDS]
+    lm = metrics["llava_med"]
+    return [name, cell(seconds), cell(lm["closed_accuracy"]), cell(lm["open_recall"]), *per_kind]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, of: {', '.join(LEVERS)}")
+    parser.add_argument("--epochs", type=float, default=3.0, help="instruct-stage epochs (align: 0.25)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="instruct-stage learning rate")
+    parser.add_argument("--n-train", type=int, default=SynthConfig().n_train, help="training questions generated")
+    parser.add_argument("--eval-limit", type=int, default=None, help="score only the first N test questions")
+    parser.add_argument("--out", type=Path, default=None, help="keep runs here (default: a temporary folder)")
+    args = parser.parse_args()
+    data = str(ensure_default_dataset(SynthConfig(n_train=args.n_train)))
+    out = args.out or Path(tempfile.mkdtemp(prefix="tinymed-demo-levers-"))
+    stages = lambda train_vision: [  # noqa: E731
+        StageConfig(name="align", epochs=0.25, lr=1e-3, batch_size=16),
+        StageConfig(name="instruct", epochs=args.epochs, lr=args.lr, batch_size=16, train_vision=train_vision),
+    ]
+    table = Table(title=f"demo levers: {args.n_train} training questions, instruct {args.epochs:g} epochs at "
+                        f"lr {args.lr:g}; closed accuracy per kind (%)")
+    for column in ("lever", "train s", "closed", "open recall", *KINDS):
+        table.add_column(column, justify="right")
+    test = load_dataset("synthetic", data, "test", limit=args.eval_limit).samples
+    baseline = QuestionOnlyBaseline(load_dataset("synthetic", data, "train").samples)
+    table.add_row(*_row("question-only baseline", score_predictions(
+        [prediction_record(s, baseline.predict(s), None) for s in test]), None))
+    for name in args.levers.split(","):
+        tiny, train_vision = LEVERS[name]
+        start = time.perf_counter()
+        trained = finetune(FinetuneConfig(datasets=[DatasetSpec(name="synthetic", path=data)], tiny=tiny,
+                                          stages=stages(train_vision), out_dir=out / name), progress=False)
+        seconds = time.perf_counter() - start
+        result = evaluate(EvalConfig(model=str(trained.model_dir), dataset="synthetic", path=data, out_dir=out / name / "eval",
+                                     batch_size=16, max_new_tokens=24, limit=args.eval_limit, device="cpu"))
+        table.add_row(*_row(name, result.metrics, seconds))
+        Console().print(f"{name}: closed {result.metrics['llava_med']['closed_accuracy']:.1f}, "
+                        f"train {seconds:.0f} s", highlight=False)
+    Console(width=200).print(table)
+
+
+if __name__ == "__main__":
+    main()
