@@ -122,7 +122,8 @@ def main() -> None:
             dynamic = cpu_peak_memory(timing.model_copy(update=at_batch_4), "cpu")
             rows[name].update(dynamic_bytes=dynamic.peak_bytes, load_peak_bytes=dynamic.load_peak_bytes)
     fp32_speed = statistics.median(speeds["fp32"])
-    table = Table(title=f"CPU backends, {n_params / 1e6:.0f}M-param random LLaVA, batch 1, {torch.get_num_threads()} threads")
+    what = args.model or "random LLaVA"
+    table = Table(title=f"CPU backends, {what} ({n_params / 1e6:.0f}M params), batch 1, {torch.get_num_threads()} threads")
     columns = ("backend", "works?", "logits rel. err vs fp32", "static MiB", "quantized layers vs fp32",
                "dynamic MiB (answering)", "load peak MiB", "decode tok/s", "speed vs fp32")
     for col in columns:

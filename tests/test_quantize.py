@@ -64,7 +64,8 @@ def test_registry_lists_backends_and_devices(monkeypatch):
     assert available_methods("cpu") == METHODS
     assert available_methods("cuda:0") == METHODS[1:]
     assert default_demo_quant("cpu") == [
-        QuantConfig(method="torch-int8"), QuantConfig(method="quanto-int4", compute_dtype="bfloat16")
+        QuantConfig(method="quanto-int8", compute_dtype="bfloat16"),
+        QuantConfig(method="quanto-int4", compute_dtype="bfloat16"),
     ]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the CUDA choice, without a GPU
     assert [q.method for q in default_demo_quant("cuda")] == ["bnb-int8", "bnb-nf4"]
@@ -84,7 +85,7 @@ def test_backends_whose_library_is_missing_are_not_offered(tiny_dir, monkeypatch
     monkeypatch.setitem(sys.modules, "optimum", None)  # as if optimum-quanto were not installed
     monkeypatch.setitem(sys.modules, "torchao", None)
     assert available_methods("cpu") == CORE_METHODS
-    assert [q.method for q in default_demo_quant("cpu")] == ["torch-int8", "bnb-nf4"]  # the 4-bit fallback
+    assert [q.method for q in default_demo_quant("cpu")] == ["bnb-int8", "bnb-nf4"]  # the fallback pair
     pip = r"not installed: pip install 'tinymed\[extra-backends\]'"
     with pytest.raises(ValueError, match=f"'quanto-int4' needs optimum-quanto, {pip}"):
         get_backend("quanto-int4", "cpu")

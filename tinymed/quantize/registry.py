@@ -1,13 +1,19 @@
 """The quantization backends tinymed offers (one explicit dict), what each quantizes, and where it runs.
 
-Chosen by measurement on a 2-core AVX2 CPU (bench/quant_backends.py, 2026-12-02; decode speed vs fp32 in
-the same process), and the slower ones kept with their speed and accuracy shown rather than hidden:
-- torch-int8 (PyTorch dynamic int8): the fastest 8-bit CPU path, ≈2× fp32; CPU only, float32 compute.
-- bnb-int8 / bnb-nf4 (bitsandbytes): the paper's FQ8/FQ4, native on CUDA; ≈0.5× fp32 on this CPU (an
-  earlier VM of the same kind measured 0.9-1.1× / 1.8-2.2×: their CPU kernels vary most between hosts).
-- quanto-int8 / quanto-int4 (optimum-quanto, weights only): at float32 they dequantize on every call
-  (≈0.4×); at compute_dtype bfloat16 int4 runs a packed int4 kernel (≈1.8×, the fastest 4-bit) and int8 ≈1.3×.
-- torchao-int8 (torchao int8 weight-only): ≈0.6× at float32, ≈1.1× at bfloat16.
+Chosen by measurement on a 2-core AVX2 CPU (bench/quant_backends.py; decode speed vs fp32 in the same
+process), the slower ones kept with their speed and accuracy shown rather than hidden. On tinymed-med-270m
+(Gemma-3-270M + EfficientNet-Lite0, 2026-12-03; fp32 8.4 tokens/s, plain bf16 2.06×):
+- quanto-int8 / quanto-int4 (optimum-quanto, weights only): 1.76× / 1.86× at compute_dtype bfloat16 (a
+  packed int4 kernel); at float32 they dequantize on every call (0.71× / 0.53×). The CPU default pair.
+- torchao-int8 (torchao int8 weight-only): 1.55× at bfloat16, 0.88× at float32.
+- bnb-int8 / bnb-nf4 (bitsandbytes): the paper's FQ8/FQ4, native on CUDA; 0.7-0.8× fp32 on this CPU (an
+  earlier VM of the same kind measured 0.9-1.1× / 1.8-2.2× on a random 100M model: their CPU kernels vary
+  most between hosts).
+- torch-int8 (PyTorch dynamic int8: int8 weights AND int8 activations, one scale per tensor): 1.08× here
+  (≈2× on the random 100M model, whose small LM head does not dominate). It breaks Gemma-3: the inputs of
+  its MLP down-projections reach |x| ≈ 1300 while most values are small, so one activation scale per tensor
+  rounds them away (next-token agreement with fp32 31% on 48 VQA-RAD questions, against 100% for
+  quanto-int8; VQA-RAD closed accuracy 37.9 vs 73.9). Use it only on models it is checked on.
 quanto and torchao are optional (`pip install 'tinymed[extra-backends]'`): a backend whose library is not
 installed is not offered. torchao int4 is absent: with torchao 0.18 on CPU its default format needs the
 `mslk` package and its plain_int32 format does not support CPU (re-checked 2026-12-02).
@@ -112,7 +118,8 @@ BACKENDS: dict[str, Backend] = {
         serialization="recipe", load=_lazy("load_torch_dynamic"), is_quantized=_lazy("is_torch_dynamic_layer"),
         quantizes_embeddings=True,
         description="PyTorch dynamic int8 (int8 weights per tensor, int8 activations quantized per batch; "
-        "embeddings: uint8 per row with float scale and offset); CPU only",
+        "embeddings: uint8 per row with float scale and offset); CPU only; breaks models with activation "
+        "outliers (Gemma-3)",
     ),
     "bnb-int8": Backend(
         name="bnb-int8", library="bitsandbytes", module="bitsandbytes", bits=8, devices=("cuda", "cpu"),
@@ -182,15 +189,12 @@ def check_targets(config: QuantConfig, backend: Backend) -> None:
 
 
 def default_demo_quant(device: str = "auto") -> list[QuantConfig]:
-    """The FQ8 and FQ4 variants: the paper's bitsandbytes pair on CUDA; on CPU the fastest 8-bit and 4-bit
-    backends measured (bench/quant_backends.py): torch-int8, and quanto-int4 computing in bfloat16 where
-    optimum-quanto is installed, else bnb-nf4."""
+    """The FQ8 and FQ4 variants: the paper's bitsandbytes pair on CUDA. On CPU, weight-only optimum-quanto
+    int8 and int4 computing in bfloat16 where optimum-quanto is installed (the fastest accurate pair measured
+    on tinymed-med-270m, bench/quant_backends.py), else bitsandbytes. Not torch-int8: its per-tensor int8
+    activations break models with activation outliers such as Gemma-3 (see the module docstring)."""
     from tinymed.models import resolve_device
 
-    if device_kind(resolve_device(device)) == "cuda":
+    if device_kind(resolve_device(device)) == "cuda" or not BACKENDS["quanto-int4"].installed:
         return [QuantConfig(method="bnb-int8"), QuantConfig(method="bnb-nf4")]
-    four_bit = (
-        QuantConfig(method="quanto-int4", compute_dtype="bfloat16")
-        if BACKENDS["quanto-int4"].installed else QuantConfig(method="bnb-nf4")
-    )
-    return [QuantConfig(method="torch-int8"), four_bit]
+    return [QuantConfig(method=m, compute_dtype="bfloat16") for m in ("quanto-int8", "quanto-int4")]
