@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -92,6 +93,23 @@ def test_interrupted_run_resumes_only_the_missing_samples(tiny_model, dataset, t
     evaluate(config, on_progress=lambda done, total: seen.append(done))
     assert seen[0] == 2  # the two finished samples were not asked again
     assert len(read_jsonl(out / "predictions.jsonl")) == 6
+
+
+def test_finished_run_is_returned_not_repeated_until_its_weights_change(tiny_model, dataset, tmp_path):
+    out = tmp_path / "eval"
+    config = EvalConfig(model=str(tiny_model), dataset="llava-med", path=str(dataset), out_dir=out,
+                        batch_size=3, max_new_tokens=3, device="cpu")
+    first = evaluate(config)
+    progress = []
+    again = evaluate(config, on_progress=lambda done, total: progress.append(done))
+    assert progress == [] and again.metrics == first.metrics and again.n == first.n == 6
+    weights = next(tiny_model.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # retrained in place
+    evaluate(config, on_progress=lambda done, total: progress.append(done))
+    assert progress[0] == 0 and progress[-1] == 6  # every question answered anew
+    progress.clear()
+    evaluate(config.model_copy(update={"resume": False}), on_progress=lambda done, total: progress.append(done))
+    assert progress[-1] == 6  # --fresh answers anew too
 
 
 def test_limit_and_cli(tiny_model, dataset, tmp_path):

@@ -3,8 +3,9 @@ dataset's questions → `predictions.jsonl` + `metrics.json` (+ `eval_config.jso
 
 Greedy decoding, left padding, KV cache, `batch_size` questions per forward pass. Predictions are
 appended to `predictions.partial.jsonl` as they are made, so an interrupted run resumes where it
-stopped (only when the model, data, decoding and image control are the same); the final files are written
-atomically. A sample whose image cannot be read, or whose generation fails, is recorded with its `error` and
+stopped (only when the model and its weights on disk, data, decoding and image control are the same), and a
+finished run is not repeated: its files are returned as they are (`resume=False`, `--fresh`, answers anew).
+The final files are written atomically. A sample whose image cannot be read, or whose generation fails, is recorded with its `error` and
 the run goes on. `image_control` (tinymed.evaluate.image_controls) shows each question its own image, another
 case's, or a blank one; it is recorded in metrics.json and eval_config.json as {"kind", "seed"}, and each
 prediction records the image it was shown.
@@ -29,6 +30,7 @@ from tinymed.data.registry import load_dataset
 from tinymed.evaluate.image_controls import ImageControl, ImagePlan
 from tinymed.evaluate.metrics import score_predictions
 from tinymed.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
+from tinymed.models.zoo import resolve_model
 
 PREDICTIONS = "predictions.jsonl"
 PARTIAL = "predictions.partial.jsonl"
@@ -162,11 +164,23 @@ def _answer_batch(answer: Answerer, batch: Sequence[MedVQASample], plan: ImagePl
     return [records[s.id] for s in batch]
 
 
+def _weights_fingerprint(model: str | None) -> list:
+    """Which weights `model` names now: the folder it resolves to (a zoo name: its assembled folder, keyed by
+    the shipped files) and each file's name, size and modification time; a Hub id as given."""
+    if model is None:
+        return []
+    folder = Path(resolve_model(model))
+    if not folder.is_dir():
+        return [str(model)]
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return [str(folder.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
 def _run_key(config: EvalConfig, plan: ImagePlan) -> str:
-    """What makes two runs' predictions interchangeable (resume only continues the same run): the model, data,
-    decoding and image control (kind, seed and which image each case is shown)."""
+    """What makes two runs' predictions interchangeable (resume only continues the same run): the model and
+    its weights on disk, data, decoding and image control (kind, seed and which image each case is shown)."""
     fields = ("model", "quant", "endpoint", "model_name", "dataset", "path", "split", "language", "max_new_tokens")
-    key = [getattr(config, f) for f in fields] + plan.fingerprint()
+    key = [getattr(config, f) for f in fields] + _weights_fingerprint(config.model) + plan.fingerprint()
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
@@ -178,6 +192,20 @@ def _resumable_predictions(run_key: str, out: Path) -> dict[str, dict]:
     if json.loads(key_file.read_text()).get("key") != run_key:
         return {}
     return {r["id"]: r for r in read_jsonl(partial)}
+
+
+def _finished_run(run_key: str, out: Path) -> EvalResult | None:
+    """The result a completed run with the same `run_key` wrote to `out`, if there is one."""
+    files = [out / name for name in ("eval_config.json", "metrics.json", PREDICTIONS)]
+    if not all(f.exists() for f in files):
+        return None
+    described = json.loads(files[0].read_text())
+    if described.get("run_key") != run_key:
+        return None
+    records = read_jsonl(files[2])
+    errors = sum(1 for r in records if r["error"])
+    return EvalResult(out, json.loads(files[1].read_text()), len(records), errors,
+                      len(described.get("skipped_rows", [])), described.get("seconds", 0.0))
 
 
 def evaluate(config: EvalConfig, on_progress: Callable[[int, int], None] | None = None) -> EvalResult:
@@ -194,6 +222,9 @@ def evaluate(config: EvalConfig, on_progress: Callable[[int, int], None] | None 
     run_key = _run_key(config, plan)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    finished = _finished_run(run_key, out) if config.resume else None
+    if finished:
+        return finished
     partial = out / PARTIAL
     done = _resumable_predictions(run_key, out) if config.resume else {}
     if not done:
@@ -219,7 +250,7 @@ def evaluate(config: EvalConfig, on_progress: Callable[[int, int], None] | None 
         "dataset": config.dataset, "path": config.path or loaded.source, "split": config.split,
         "limit": config.limit, "batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens,
         "image_control": plan.describe(),
-        "skipped_rows": [vars(r) for r in loaded.skipped], "seconds": round(seconds, 2),
+        "skipped_rows": [vars(r) for r in loaded.skipped], "seconds": round(seconds, 2), "run_key": run_key,
     })
     partial.unlink(missing_ok=True)
     (out / PARTIAL_KEY).unlink(missing_ok=True)
