@@ -2,8 +2,8 @@
 
 `run_benchmark` (what `tinymed benchmark` runs) takes a trained model (folder, Hub id or zoo name):
 quantized variants (FQ8, FQ4: weight-only quanto int8/int4 in bf16 on CPU, chosen by measurement;
-bitsandbytes on CUDA) → evaluation of every variant (LLaVA-Med + strict metrics), image controls on the full-precision one,
-and a question-only baseline → memory/speed profile of every variant → Pareto report.
+bitsandbytes on CUDA) → evaluation of every variant (LLaVA-Med + strict metrics), image controls on the
+full-precision one, and a question-only baseline → memory/speed profile of every variant → Pareto report.
 `run_demo` (what `tinymed demo` runs) is data (synthetic by default, or real datasets) → fine-tune
 (stage 1 alignment + stage 2 instruction tuning) → `run_benchmark`. Outputs stay under `out_dir`:
 
