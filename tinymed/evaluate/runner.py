@@ -5,10 +5,10 @@ Greedy decoding, left padding, KV cache, `batch_size` questions per forward pass
 appended to `predictions.partial.jsonl` as they are made, so an interrupted run resumes where it
 stopped (only when the model and its weights on disk, data, decoding and image control are the same), and a
 finished run is not repeated: its files are returned as they are (`resume=False`, `--fresh`, answers anew).
-The final files are written atomically. A sample whose image cannot be read, or whose generation fails, is recorded with its `error` and
-the run goes on. `image_control` (tinymed.evaluate.image_controls) shows each question its own image, another
-case's, or a blank one; it is recorded in metrics.json and eval_config.json as {"kind", "seed"}, and each
-prediction records the image it was shown.
+The final files are written atomically. A sample whose image cannot be read, or whose generation fails, is
+recorded with its `error` and the run goes on. `image_control` (tinymed.evaluate.image_controls) shows each
+question its own image, another case's, or a blank one; it is recorded in metrics.json and eval_config.json
+as {"kind", "seed"}, and each prediction records the image it was shown.
 """
 
 from __future__ import annotations
@@ -202,10 +202,14 @@ def _finished_run(run_key: str, out: Path) -> EvalResult | None:
     described = json.loads(files[0].read_text())
     if described.get("run_key") != run_key:
         return None
-    records = read_jsonl(files[2])
+    return _result(out, json.loads(files[1].read_text()), read_jsonl(files[2]),
+                   len(described.get("skipped_rows", [])), described.get("seconds", 0.0))
+
+
+def _result(out: Path, metrics: dict, records: list[dict], skipped_rows: int, seconds: float) -> EvalResult:
+    """The EvalResult of a run's scored records."""
     errors = sum(1 for r in records if r["error"])
-    return EvalResult(out, json.loads(files[1].read_text()), len(records), errors,
-                      len(described.get("skipped_rows", [])), described.get("seconds", 0.0))
+    return EvalResult(out, metrics, len(records), errors, skipped_rows, seconds)
 
 
 def evaluate(config: EvalConfig, on_progress: Callable[[int, int], None] | None = None) -> EvalResult:
@@ -254,5 +258,4 @@ def evaluate(config: EvalConfig, on_progress: Callable[[int, int], None] | None 
     })
     partial.unlink(missing_ok=True)
     (out / PARTIAL_KEY).unlink(missing_ok=True)
-    errors = sum(1 for r in records if r["error"])
-    return EvalResult(out, metrics, len(records), errors, len(loaded.skipped), seconds)
+    return _result(out, metrics, records, len(loaded.skipped), seconds)
