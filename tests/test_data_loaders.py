@@ -347,3 +347,69 @@ def test_synthetic_is_the_conversation_loader_over_a_folder(tmp_path):
     sample = result.samples[0]
     assert (sample.dataset, sample.split, sample.modality, sample.question_type) == ("synthetic", "train", "CT", "MODALITY")
     assert sample.image == str(tmp_path / "images" / "s0.png")
+
+
+# --- validation parts carved by image ------------------------------------------------------------
+
+
+def _conversation_rows(folder: Path, images: int, per_image: int) -> None:
+    """`images` distinct PNG files, `per_image` questions about each, as train.json."""
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for i in range(images):
+        (folder / "images" / f"img{i}.png").write_bytes(_png(i % 256))
+        rows += [{"id": f"{i}-{q}", "image": f"img{i}.png", "answer_type": "CLOSED",
+                  "conversations": [{"from": "human", "value": f"<image>\nIs {q} here?"},
+                                    {"from": "gpt", "value": "yes" if q % 2 else "no"}]}
+                 for q in range(per_image)]
+    (folder / "train.json").write_text(json.dumps(rows))
+
+
+def test_carved_parts_split_the_images_not_the_questions(tmp_path):
+    _conversation_rows(tmp_path, images=400, per_image=3)
+    val = load_dataset("llava-med", tmp_path, "train:val10").samples
+    rest = load_dataset("llava-med", tmp_path, "train:rest10").samples
+    assert len(val) + len(rest) == 1200
+    val_images, rest_images = {s.image for s in val}, {s.image for s in rest}
+    assert not val_images & rest_images
+    assert 25 <= len(val_images) <= 55  # ≈10% of 400 images, each with all 3 of its questions
+    assert len(val) == 3 * len(val_images)
+    assert {s.split for s in val} == {"train:val10"} and {s.split for s in rest} == {"train:rest10"}
+    wider = {s.image for s in load_dataset("llava-med", tmp_path, "train:val20").samples}
+    assert val_images < wider  # a larger carve keeps the smaller one's images
+    assert len(load_dataset("llava-med", tmp_path, "train:val10", limit=5).samples) == 5
+
+
+def test_carve_of_images_embedded_in_a_table_goes_by_their_bytes(tmp_path):
+    import datasets
+
+    pixels = [_png(i) for i in range(60)]
+    table = datasets.Dataset.from_dict(
+        {"image": [{"bytes": pixels[i % 60], "path": None} for i in range(180)],  # each image in 3 rows
+         "question": [f"q{i}" for i in range(180)], "answer": ["yes"] * 180},
+        features=datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                    "answer": datasets.Value("string")}))
+    (tmp_path / "data").mkdir()
+    table.to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))
+    val = load_dataset("pathvqa", tmp_path, "train:val30").samples
+    rest = load_dataset("pathvqa", tmp_path, "train:rest30").samples
+    assert len(val) + len(rest) == 180 and len(val) % 3 == 0
+    assert not {s.image_bytes for s in val} & {s.image_bytes for s in rest}
+
+
+@pytest.mark.parametrize("split", ["train:val0", "train:val100", "train:valid10", "train:", ":val10"])
+def test_bad_carve_names_say_what_a_carve_is(tmp_path, split):
+    _conversation_rows(tmp_path, images=2, per_image=1)
+    with pytest.raises(DataError, match="SPLIT:valP or SPLIT:restP"):
+        load_dataset("llava-med", tmp_path, split)
+
+
+@pytest.mark.real_data
+def test_pathvqa_validation_carve_on_the_real_train_split():
+    path = shared_path("pathvqa")
+    val = load_dataset("pathvqa", path, "train:val10").samples
+    rest = load_dataset("pathvqa", path, "train:rest10").samples
+    assert len(val) + len(rest) == 19_654
+    val_images = {Path(s.image).name for s in val}
+    assert not val_images & {Path(s.image).name for s in rest}
+    assert (len(val), len(val_images)) == (1_886, 243)  # of 2,599 images: pinned, the carve has no seed

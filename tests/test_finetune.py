@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tinymed.cli.finetune import pair_datasets
 from tinymed.models import IGNORE_INDEX, TinyConfig, encode_for_training, load_model
 from tinymed.train import DatasetSpec, FinetuneConfig, StageConfig, finetune
-from tinymed.train.data import Collator
+from tinymed.train.data import Collator, EpochSampler
 from tinymed.train.loop import planned_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,12 +193,33 @@ def test_pairing_of_repeated_dataset_options():
 
 
 @pytest.mark.slow
+def _padded_tokens(order: list[int], lengths: list[int], batch: int) -> int:
+    return sum(max(lengths[i] for i in order[k : k + batch]) * len(order[k : k + batch])
+               for k in range(0, len(order), batch))
+
+
+def test_length_grouped_epochs_visit_every_sample_once_with_less_padding():
+    lengths = torch.randint(5, 60, (1003,), generator=torch.Generator().manual_seed(1)).tolist()
+    plain, grouped = EpochSampler(1003, seed=3), EpochSampler(1003, seed=3, lengths=lengths, batch_size=8)
+    for epoch in range(2):
+        plain.set_window(0, epoch)
+        grouped.set_window(0, epoch)
+        assert sorted(grouped.order) == list(range(1003))
+        assert _padded_tokens(grouped.order, lengths, 8) < 0.8 * _padded_tokens(plain.order, lengths, 8)
+    first = list(grouped.order)
+    grouped.set_window(0, 1, start=16, stop=40)  # resuming re-creates the same epoch order
+    assert grouped.order == first and list(grouped) == first[16:40]
+    grouped.set_window(0, 0)
+    assert grouped.order != first
+
+
 def test_resume_after_kill_9_matches_an_uninterrupted_run(data_dir, tmp_path):
     stages = [StageConfig(name="align", max_steps=3, lr=1e-2, batch_size=4),
               StageConfig(name="instruct", max_steps=16, lr=1e-2, batch_size=4, grad_accum=2)]
-    reference = finetune(_config(data_dir, tmp_path / "ref", stages, save_every=4), progress=False)
+    grouped = {"save_every": 4, "group_by_length": True}  # the resumed order includes the length grouping
+    reference = finetune(_config(data_dir, tmp_path / "ref", stages, **grouped), progress=False)
     config_file = tmp_path / "config.json"
-    config_file.write_text(_config(data_dir, tmp_path / "unused", stages, save_every=4).model_dump_json())
+    config_file.write_text(_config(data_dir, tmp_path / "unused", stages, **grouped).model_dump_json())
     out, checkpoints = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
     command = [sys.executable, "-m", "tinymed.cli", "finetune", "--config", str(config_file), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

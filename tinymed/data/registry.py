@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from tinymed.data.carve import carve, parse_carve
 from tinymed.data.conversation import load_conversation
 from tinymed.data.pathvqa import load_pathvqa
 from tinymed.data.rows import LoadOptions, LoadResult, SkippedRow
@@ -62,19 +63,26 @@ def load_dataset(
     """Load one split of a dataset by registry name (see DATASETS and LoadOptions).
 
     path=None loads the Hub copy (vqa-rad, slake, pathvqa) or the default synthetic dataset.
+    A split such as "train:val10" / "train:rest10" is a part carved from a split by image (see `carve`).
     Bad rows raise DataError naming file and row, or with skip_invalid=True land in `skipped`.
     `loader_options` go to the loader itself, e.g. layout="original" for vqa-rad.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    carved = parse_carve(split)
     options = LoadOptions(
         language=language,
         skip_invalid=skip_invalid,
         check_images=check_images,
-        limit=limit,
+        limit=None if carved else limit,
         image_folder=Path(image_folder) if image_folder else None,
     )
-    return DATASETS[name](path, split, options, **loader_options)
+    if carved is None:
+        return DATASETS[name](path, split, options, **loader_options)
+    whole, part, percent = carved
+    result = carve(DATASETS[name](path, whole, options, **loader_options), split, part, percent)
+    result.samples = result.samples[:limit]
+    return result
 
 
 class DatasetSpec(BaseModel):

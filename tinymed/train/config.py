@@ -62,6 +62,7 @@ class FinetuneConfig(BaseModel):
     keep_adapter: bool = False
     log_every: int = Field(5, ge=1)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (images load in workers)")
+    group_by_length: bool = Field(False, description="batches of similar length (less padding; see EpochSampler)")
 
 
 @dataclass

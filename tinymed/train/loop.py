@@ -144,7 +144,8 @@ def _run_stage(run: Run, index: int, stage: StageConfig, model):
     model = configure_stage(model, stage)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
-    sampler = EpochSampler(len(run.dataset), config.seed)
+    lengths = run.dataset.text_lengths() if config.group_by_length else None
+    sampler = EpochSampler(len(run.dataset), config.seed, lengths, stage.batch_size * acc.num_processes)
     loader = DataLoader(run.dataset, batch_size=stage.batch_size, sampler=sampler, num_workers=config.num_workers,
                         collate_fn=Collator(run.processor.tokenizer.pad_token_id))
     model, optimizer, loader = acc.prepare(model, optimizer, loader)
