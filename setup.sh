@@ -12,5 +12,22 @@ fi
 PYTHON=${PYTHON:-python3.11}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
+
+# The llama.cpp engine (extra `edge`): llama-cpp-python has no wheel here and compiles from its sdist
+# (≈9 min on 2 cores, once). pip does not install llama.cpp's HF→GGUF converter, so the same sdist's
+# vendor/llama.cpp/{convert_hf_to_gguf.py,conversion,gguf-py} is kept in .venv/share/llama.cpp/VERSION.
+LLAMA_CPP=0.3.36
+LLAMA_SRC=.venv/share/llama.cpp/$LLAMA_CPP
+if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null || [ ! -f "$LLAMA_SRC/convert_hf_to_gguf.py" ]; then
+  echo "building llama-cpp-python $LLAMA_CPP from source (about 9 minutes)..."
+  sdist_dir=$(mktemp -d)
+  .venv/bin/pip download -q --no-deps --no-binary :all: -d "$sdist_dir" "llama-cpp-python==$LLAMA_CPP"
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) .venv/bin/pip install -q "$sdist_dir"/llama_cpp_python-$LLAMA_CPP.tar.gz
+  mkdir -p "$LLAMA_SRC"
+  tar xzf "$sdist_dir"/llama_cpp_python-$LLAMA_CPP.tar.gz -C "$LLAMA_SRC" --strip-components=3 \
+    "llama_cpp_python-$LLAMA_CPP/vendor/llama.cpp/convert_hf_to_gguf.py" \
+    "llama_cpp_python-$LLAMA_CPP/vendor/llama.cpp/conversion" "llama_cpp_python-$LLAMA_CPP/vendor/llama.cpp/gguf-py"
+  rm -rf "$sdist_dir"
+fi
 .venv/bin/pip install -q -e ".[dev]"
 .venv/bin/tinymed --version

@@ -1,4 +1,4 @@
-"""CLI: `tinymed zoo` (the models tinymed ships by name) and `tinymed export hf`."""
+"""CLI: `tinymed zoo` (the models tinymed ships by name) and `tinymed export hf|gguf`."""
 
 from __future__ import annotations
 
@@ -71,6 +71,23 @@ def export_hf(
     from tinymed.models.export import export_hf as run_export
 
     Console().print(f"wrote {_or_exit(lambda: run_export(model, out))}", highlight=False)
+
+
+@export_app.command("gguf")
+def export_gguf(
+    model: str = typer.Option(..., "--model", help="A zoo name, or a checkpoint folder (Gemma-3 or Llama LM)."),
+    quant: str = typer.Option("q4_k_m", "--quant", help="f16, q8_0, q4_k_m or q4_0 (llama.cpp's quantizer)."),
+    out: Path = typer.Option(..., "--out", help="Edge folder to write (GGUF LM + PyTorch vision part)."),
+    tokenizer_gguf: Path | None = typer.Option(
+        None, "--tokenizer-gguf", help="The GGUF the LM came from, when its tokenizer has no tokenizer.model."),
+) -> None:
+    """Write MODEL as an edge folder that `evaluate`, `profile` and `serve` answer from through llama.cpp
+    (needs `tinymed[edge]`, which ./setup.sh installs)."""
+    from tinymed.models.gguf import export_gguf as run_export
+
+    with Console().status(f"converting {model} to GGUF ({quant}) with llama.cpp's tools"):
+        folder = _or_exit(lambda: run_export(model, quant, out, tokenizer_gguf))
+    Console().print(f"wrote {folder}", highlight=False)
 
 
 def _or_exit(action):

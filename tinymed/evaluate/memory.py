@@ -145,7 +145,8 @@ def disk_bytes(model: str) -> int | None:
 def static_memory(lm, model: str) -> StaticMemory:
     from tinymed.quantize import BACKENDS, fp32_linear_bytes, module_bytes, modules_bytes, quantized_module_names
 
-    figure = StaticMemory(bytes=module_bytes(lm.model), disk_bytes=disk_bytes(model))
+    counted = getattr(lm.model, "static_bytes", None)  # an engine's model may count its own (llama.cpp)
+    figure = StaticMemory(bytes=counted() if counted else module_bytes(lm.model), disk_bytes=disk_bytes(model))
     if lm.quant in BACKENDS:
         names = quantized_module_names(lm.model, BACKENDS[lm.quant])
         figure.quantized_layer_bytes = modules_bytes(lm.model, names)
@@ -154,43 +155,14 @@ def static_memory(lm, model: str) -> StaticMemory:
     return figure
 
 
-class _TokenClock:
-    """A generate() streamer that timestamps each put: the prompt first, then every generated step."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, _value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def _timed_generation(lm, images, questions, max_new_tokens: int) -> tuple[float, float, float]:
-    """(ttft_s, decode_tokens_per_s, latency_s) of one batch, exactly max_new_tokens per answer."""
-    import torch
-
-    from tinymed.models.generate import generation_kwargs, prepare_inputs
-
-    clock = _TokenClock()
-    start = time.perf_counter()
-    inputs = prepare_inputs(lm, images, questions)
-    kwargs = {**generation_kwargs(lm, max_new_tokens), "min_new_tokens": max_new_tokens}
-    with torch.no_grad():  # not inference_mode: some quantized tensor types cannot be used under it
-        lm.model.generate(**inputs, **kwargs, streamer=clock)
-    latency = time.perf_counter() - start
-    first, last = clock.times[1], clock.times[-1]
-    decoded = (len(clock.times) - 2) * len(questions)
-    return first - start, decoded / max(last - first, 1e-9), latency
-
-
 def measure_speed(lm, images, questions, batch_size: int, config: ProfileConfig) -> SpeedFigure:
     """Median speed over config.runs batches of `batch_size` (cycling through the set) after warm-up."""
+    from tinymed.models.generate import timed_batch
+
     samples = []
     for run in range(config.warmup + config.runs):
         idx = [(run * batch_size + i) % len(questions) for i in range(batch_size)]
-        timing = _timed_generation(lm, [images[i] for i in idx], [questions[i] for i in idx], config.max_new_tokens)
+        timing = timed_batch(lm, [images[i] for i in idx], [questions[i] for i in idx], config.max_new_tokens)
         if run >= config.warmup:
             samples.append(timing)
     ttft, tps, latency = (statistics.median(s[k] for s in samples) for k in range(3))
@@ -278,7 +250,7 @@ def profile_model(config: ProfileConfig) -> ProfileResult:
     if config.dynamic:
         dynamic = cuda_peak_memory(lm, images, questions, config) if lm.device.startswith("cuda") else None
     static = static_memory(lm, config.model)
-    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    dtype = getattr(lm.model, "weights_dtype", None) or str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     device, quant = lm.device, lm.quant
     del lm
     if config.dynamic and dynamic is None:

@@ -102,7 +102,7 @@ def local_answerer(config: EvalConfig) -> tuple[Answerer, dict]:
         out = generate_batch(lm, images, [s.question for s in samples], config.max_new_tokens)
         return [a.text for a in out]
 
-    return answer, {"model": config.model, "quant": lm.quant, "device": lm.device}
+    return answer, {"model": config.model, "quant": lm.quant, "engine": lm.engine, "device": lm.device}
 
 
 def image_data_url(image) -> str:

