@@ -180,3 +180,19 @@ def test_serve_answers_through_llama_cpp_streamed_or_not(edge_f16):
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert reply.choices[0].message.content == expected == streamed.strip()
     assert reply.usage.completion_tokens <= 5
+
+
+def test_export_gguf_command(tiny_vlm, tmp_path):
+    from typer.testing import CliRunner
+
+    from tinymed.cli import app
+
+    out = tmp_path / "q8"
+    done = CliRunner().invoke(app, ["export", "gguf", "--model", str(tiny_vlm), "--quant", "q8_0", "--out", str(out),
+                                    "--tokenizer-gguf", str(gemma_270m_gguf())])
+    assert done.exit_code == 0, done.output
+    assert json.loads((out / "tinymed_edge.json").read_text())["gguf"] == "lm-q8_0.gguf"
+    bad = CliRunner().invoke(app, ["export", "gguf", "--model", str(tiny_vlm), "--quant", "q2", "--out",
+                                   str(tmp_path / "bad")])
+    assert bad.exit_code == 1 and "unknown GGUF quantization 'q2'" in bad.output
+    assert not (tmp_path / "bad").exists()
