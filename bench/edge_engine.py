@@ -1,0 +1,131 @@
+"""transformers vs llama.cpp on one model, in one run: decode speed, time to first token, memory, accuracy.
+
+Rows: transformers fp32 and its best 8-/4-bit CPU backends (quanto int8/int4, bf16 compute), then the
+model exported with `tinymed export gguf` at each llama.cpp quantization. Per row: decode tokens/s at
+batch 1 and TTFT (image included) from `tinymed profile`, static and dynamic memory (static of an edge
+folder = GGUF file + vision tensors), closed / open accuracy on VQA-RAD and SLAKE test (LLaVA-Med
+metrics, `tinymed evaluate`), and for llama.cpp rows the bandwidth floor: GGUF bytes read per token ÷
+the memory bandwidth measured here (2 threads summing a 1 GiB buffer). The f16 row also reports how
+often its answers equal transformers fp32's. Everything lands in OUT (evaluations resume by run key).
+
+    python bench/edge_engine.py --model tinymed-med-270m --data ../shared/data --out runs/edge-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from tinymed.evaluate.memory import ProfileConfig, profile_model
+from tinymed.evaluate.runner import EvalConfig, evaluate
+from tinymed.io import read_jsonl, write_json_atomic
+from tinymed.models.gguf import export_gguf
+from tinymed.models.llamacpp import read_manifest
+
+DATASETS = ("vqa-rad", "slake")
+
+
+def memory_bandwidth(gib: float = 1.0, threads: int = 2, repeats: int = 3) -> float:
+    """Best read bandwidth in bytes/s: `threads` threads each summing their share of a `gib` GiB buffer."""
+    buffer = np.ones(int(gib * (1 << 30)) // 8, dtype=np.float64)
+    shares = np.array_split(buffer, threads)
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.sum, args=(share,)) for share in shares]
+        start = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        best = max(best, buffer.nbytes / (time.perf_counter() - start))
+    return best
+
+
+def _evaluate(model: str, quant: str | None, data: Path, out: Path, limit: int | None) -> dict:
+    scores = {}
+    for dataset in DATASETS:
+        result = evaluate(EvalConfig(model=model, quant=quant, dataset=dataset, path=str(data / dataset),
+                                     out_dir=out / dataset, batch_size=16, max_new_tokens=16, limit=limit,
+                                     device="cpu"))
+        metrics = result.metrics["llava_med"]
+        scores[dataset] = {"closed": metrics["closed_accuracy"], "open": metrics["open_recall"]}
+    return scores
+
+
+def _same_answers(a: Path, b: Path) -> float:
+    """Share of questions answered with the same text in two evaluation folders (all datasets)."""
+    same = total = 0
+    for dataset in DATASETS:
+        left = {r["id"]: r["prediction"] for r in read_jsonl(a / dataset / "predictions.jsonl")}
+        right = {r["id"]: r["prediction"] for r in read_jsonl(b / dataset / "predictions.jsonl")}
+        same += sum(left[k] == right.get(k) for k in left)
+        total += len(left)
+    return same / max(total, 1)
+
+
+def _row(name: str, model: str, quant: str | None, args, out: Path) -> dict:
+    profile = profile_model(ProfileConfig(model=model, quant=quant, device="cpu", batch_size=8, max_new_tokens=16,
+                                          runs=3, out_dir=out / "profile"))
+    return {
+        "variant": name, "model": model,
+        "decode_tokens_per_s": profile.speed["batch_1"].decode_tokens_per_s,
+        "ttft_ms": profile.speed["batch_1"].ttft_ms,
+        "static_bytes": profile.static.bytes,
+        "dynamic_peak_bytes": profile.dynamic.peak_bytes if profile.dynamic else None,
+        "accuracy": _evaluate(model, quant, args.data, out / "eval", args.limit),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tinymed-med-270m")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--out", type=Path, default=Path("runs/edge-bench"))
+    parser.add_argument("--hf", default="none,quanto-int8,quanto-int4", help="transformers rows (none = fp32)")
+    parser.add_argument("--quants", default="f16,q8_0,q4_k_m,q4_0", help="llama.cpp rows")
+    parser.add_argument("--limit", type=int, default=None, help="questions per dataset (quick look)")
+    args = parser.parse_args()
+    bandwidth = memory_bandwidth()
+    rows = []
+    for quant in args.hf.split(","):
+        name = "transformers fp32" if quant == "none" else f"transformers {quant}"
+        rows.append(_row(name, args.model, None if quant == "none" else quant, args, args.out / f"hf-{quant}"))
+    for quant in args.quants.split(","):
+        folder = args.out / f"edge-{quant}" / "model"
+        if not (folder / "tinymed_edge.json").is_file():
+            export_gguf(args.model, quant, folder)
+        row = _row(f"llama.cpp {quant}", str(folder), None, args, args.out / f"edge-{quant}")
+        gguf_bytes = (folder / read_manifest(folder)["gguf"]).stat().st_size
+        row["floor_tokens_per_s"] = bandwidth / gguf_bytes
+        if quant == "f16" and "none" in args.hf.split(","):
+            row["same_answers_as_fp32"] = _same_answers(args.out / "hf-none" / "eval", args.out / f"edge-{quant}" / "eval")
+        rows.append(row)
+    fp32 = rows[0]["decode_tokens_per_s"]
+    write_json_atomic(args.out / "edge_bench.json", {"bandwidth_bytes_per_s": bandwidth, "rows": rows})
+    table = Table(title=f"edge engine bench: {args.model}; read bandwidth {bandwidth / 1e9:.1f} GB/s (2 threads)")
+    for col in ("variant", "decode tok/s", "vs first", "floor tok/s", "TTFT ms", "static MiB", "dynamic MiB",
+                "VQA-RAD open/closed", "SLAKE open/closed", "same as fp32"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        acc = r["accuracy"]
+        table.add_row(
+            r["variant"], f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_tokens_per_s'] / fp32:.2f}×",
+            f"{r['floor_tokens_per_s']:.1f}" if "floor_tokens_per_s" in r else "",
+            f"{r['ttft_ms']:.0f}", f"{r['static_bytes'] / 2**20:.1f}",
+            f"{r['dynamic_peak_bytes'] / 2**20:.0f}" if r["dynamic_peak_bytes"] else "",
+            *(f"{acc[d]['open']:.2f} / {acc[d]['closed']:.2f}" for d in DATASETS),
+            f"{r['same_answers_as_fp32']:.1%}" if "same_answers_as_fp32" in r else "",
+        )
+    Console().print(table)
+    print(json.dumps({"bandwidth_GBps": round(bandwidth / 1e9, 2)}))
+
+
+if __name__ == "__main__":
+    main()
