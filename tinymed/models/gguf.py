@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def export_gguf(model: str, quant: str, out: str | Path, tokenizer_gguf: str | P
         if quant != "f16":
             _quantize(f16, gguf, quant)
             f16.unlink()
-        _remove_tree(lm_dir)
+        shutil.rmtree(lm_dir)
         _write_vision(lm, tmp)
         write_json_atomic(tmp / EDGE_MANIFEST, {
             "format": 1, "engine": "llama.cpp", "quant": quant, "gguf": gguf.name,
@@ -139,12 +140,6 @@ def _write_vision(lm, folder: Path) -> None:
     save_file(state, str(folder / VISION_WEIGHTS))
     lm.model.config.save_pretrained(folder)
     lm.processor.save_pretrained(folder)
-
-
-def _remove_tree(folder: Path) -> None:
-    import shutil
-
-    shutil.rmtree(folder)
 
 
 def write_sentencepiece_model(gguf: Path, out: Path) -> None:
