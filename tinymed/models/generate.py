@@ -67,13 +67,14 @@ def _transformers_batch(lm, images: Sequence, questions: Sequence[str], max_new_
 
 
 def _llamacpp_stream(lm, image, question: str, max_new_tokens: int, temperature: float = 0.0,
-                     on_token: Callable[[list[int]], bool] | None = None) -> list[int]:
+                     on_token: Callable[[list[int]], bool] | None = None, min_new_tokens: int = 0) -> list[int]:
     """One question through llama.cpp, from the same prompt ids and pixels as transformers; the new ids
     (end tokens excluded). `on_token` sees the ids so far after each step; True stops."""
     tok = lm.processor.tokenizer
     enc = lm.processor(text=build_prompt(lm.processor, question), images=image, return_tensors="pt")
     return lm.model.answer_ids(enc["input_ids"][0].tolist(), enc.get("pixel_values"), max_new_tokens,
-                               {tok.eos_token_id, tok.pad_token_id}, temperature=temperature, on_token=on_token)
+                               {tok.eos_token_id, tok.pad_token_id}, min_new_tokens=min_new_tokens,
+                               temperature=temperature, on_token=on_token)
 
 
 def _llamacpp_batch(lm, images: Sequence, questions: Sequence[str], max_new_tokens: int) -> list[GeneratedAnswer]:
@@ -117,14 +118,12 @@ def _transformers_timed(lm, images, questions, max_new_tokens: int) -> tuple[flo
 def _llamacpp_timed(lm, images, questions, max_new_tokens: int) -> tuple[float, float, float]:
     """llama.cpp answers one question after another: ttft = until the first question's first token;
     decode speed = tokens after each answer's first over the time spent decoding them."""
-    tok = lm.processor.tokenizer
     start = time.perf_counter()
     ttft, decoded, decoding = None, 0, 0.0
     for image, question in zip(images, questions):
         clock = _TokenClock()
-        enc = lm.processor(text=build_prompt(lm.processor, question), images=image, return_tensors="pt")
-        lm.model.answer_ids(enc["input_ids"][0].tolist(), enc.get("pixel_values"), max_new_tokens,
-                            {tok.eos_token_id}, min_new_tokens=max_new_tokens, on_token=lambda ids: clock.put())
+        _llamacpp_stream(lm, image, question, max_new_tokens, on_token=lambda ids: clock.put(),
+                         min_new_tokens=max_new_tokens)
         ttft = clock.times[0] - start if ttft is None else ttft
         decoded += len(clock.times) - 1
         decoding += clock.times[-1] - clock.times[0]
