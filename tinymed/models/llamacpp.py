@@ -5,6 +5,11 @@ projector (PyTorch) turn the pixels into one vector per image position; llama.cp
 prompt in pieces — runs of token ids, and the image positions' vectors as input embeddings (a
 llama.cpp batch holds either) — and decodes greedily, one sequence at a time. Gemma-3 scales token
 embeddings by √d inside llama.cpp but not input embeddings, as transformers does for image features.
+
+A folder exported with a trimmed vocabulary (`vocab`) holds fewer embedding rows than the tokenizer
+has ids: prompt ids are mapped to kept rows (a dropped token is re-spelled from kept pieces by
+llama.cpp's tokenizer over the trimmed vocabulary) and chosen rows back to tokenizer ids, so callers
+see tokenizer ids either way.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tinymed.models.gguf import EDGE_MANIFEST, VISION_PARTS, VISION_WEIGHTS, INSTALL_HINT
+from tinymed.models.vocab import VocabularyPlan
 
 DEFAULT_CONTEXT = 1024  # tokens: the prompt (image included) plus the answer
 
@@ -92,7 +98,16 @@ class LlamaCppModel:
         self.n_ctx = n_ctx
         self.rng = np.random.default_rng()
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.kept = self.rows = None  # row -> tokenizer id, tokenizer id -> row (-1: dropped); trimmed only
+        if "vocabulary" in self.manifest:
+            plan = VocabularyPlan.from_json(json.loads((self.folder / self.manifest["vocabulary"]).read_text()))
+            self.kept = np.asarray(plan.kept, dtype=np.int64)
+            self.rows = np.full(plan.source_size, -1, dtype=np.int64)
+            self.rows[self.kept] = np.arange(len(self.kept))
+            self._source_pieces = None
+        self.image_row = self._engine_ids([self.image_token_id])[0]  # where the image vectors go
 
     @property
     def quant(self) -> str:
@@ -120,17 +135,19 @@ class LlamaCppModel:
         the chosen ids so far, the newest last (possibly a stop id), after each choice; True stops."""
         import numpy as np
 
-        if len(input_ids) + max_new_tokens > self.n_ctx:
-            raise ValueError(f"prompt of {len(input_ids)} tokens + {max_new_tokens} new tokens exceeds the "
+        ids = self._engine_ids(input_ids)
+        if len(ids) + max_new_tokens > self.n_ctx:
+            raise ValueError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the "
                              f"llama.cpp context of {self.n_ctx}")
         lib = self.lib
         lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
         vectors = self.vision.features(pixel_values).numpy() if pixel_values is not None else None
-        self._prefill(list(input_ids), vectors)
+        self._prefill(ids, vectors)
         new: list[int] = []
         while True:
             logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
-            token = self._choose(logits, temperature)
+            row = self._choose(logits, temperature)
+            token = row if self.kept is None else int(self.kept[row])
             stop = token in stop_ids and len(new) >= min_new_tokens
             halt = on_token([*new, token]) if on_token else False
             if stop:
@@ -138,8 +155,33 @@ class LlamaCppModel:
             new.append(token)
             if halt or len(new) >= max_new_tokens:
                 break
-            self._decode_tokens([token], len(input_ids) + len(new) - 1)
+            self._decode_tokens([row], len(ids) + len(new) - 1)
         return new
+
+    def _engine_ids(self, input_ids: Sequence[int]) -> list[int]:
+        """Tokenizer ids as rows of this GGUF's vocabulary (the same ids unless the vocabulary is trimmed)."""
+        if self.rows is None:
+            return [int(t) for t in input_ids]
+        ids: list[int] = []
+        for token in input_ids:
+            token = int(token)
+            row = int(self.rows[token]) if 0 <= token < len(self.rows) else -1
+            ids.extend([row] if row >= 0 else self._spell(token))
+        return ids
+
+    def _spell(self, token: int) -> list[int]:
+        """A dropped token's text as kept rows, tokenized by llama.cpp over the trimmed vocabulary."""
+        if self._source_pieces is None:
+            from transformers import AutoTokenizer
+
+            self._source_pieces = AutoTokenizer.from_pretrained(self.folder)
+        text = self._source_pieces.convert_tokens_to_string([self._source_pieces.convert_ids_to_tokens(token)])
+        raw = text.encode("utf-8")
+        buffer = (self.lib.llama_token * (len(raw) + 4))()
+        count = self.lib.llama_tokenize(self.vocab, raw, len(raw), buffer, len(buffer), False, False)
+        if count < 0:
+            raise RuntimeError(f"llama.cpp could not re-spell dropped token {token}")
+        return list(buffer[:count])
 
     def _choose(self, logits, temperature: float) -> int:
         import numpy as np
@@ -155,9 +197,9 @@ class LlamaCppModel:
         image_rows = iter(vectors) if vectors is not None else iter(())
         start = 0
         while start < len(ids):
-            is_image = ids[start] == self.image_token_id
+            is_image = ids[start] == self.image_row
             stop = start
-            while stop < len(ids) and (ids[stop] == self.image_token_id) == is_image:
+            while stop < len(ids) and (ids[stop] == self.image_row) == is_image:
                 stop += 1
             last = stop == len(ids)
             if is_image:
