@@ -6,7 +6,10 @@ batch 1 and TTFT (image included) from `tinymed profile`, static and dynamic mem
 folder = GGUF file + vision tensors), closed / open accuracy on VQA-RAD and SLAKE test (LLaVA-Med
 metrics, `tinymed evaluate`), and for llama.cpp rows the bandwidth floor: GGUF bytes read per token ÷
 the memory bandwidth measured here (2 threads summing a 1 GiB buffer). The f16 row also reports how
-often its answers equal transformers fp32's. Everything lands in OUT (evaluations resume by run key).
+often its answers equal transformers fp32's. Trimmed-vocabulary rows (`--trimmed q4_0:8000`: keep the
+training data's tokens + the 8000 most frequent English tokens) add their vocabulary size and the share
+of test answers they can still write with the tokens they were trained on (all tokens kept).
+Everything lands in OUT (evaluations resume by run key).
 
     python bench/edge_engine.py --model tinymed-med-270m --data ../shared/data --out runs/edge-bench
 """
@@ -26,8 +29,14 @@ from rich.table import Table
 from tinymed.evaluate.memory import ProfileConfig, profile_model
 from tinymed.evaluate.runner import EvalConfig, evaluate
 from tinymed.io import read_jsonl, write_json_atomic
-from tinymed.models.gguf import export_gguf
+from tinymed.analysis import ReportConfig, build_report
+from tinymed.data import load_dataset
+from tinymed.models.gguf import VocabularyTrim, export_gguf
 from tinymed.models.llamacpp import read_manifest
+from tinymed.models.loading import load_processor
+from tinymed.models.vocab import coverage
+from tinymed.train.data import load_training_samples
+from tinymed.train.recipes import zoo_recipe
 
 DATASETS = ("vqa-rad", "slake")
 
@@ -70,9 +79,23 @@ def _same_answers(a: Path, b: Path) -> float:
     return same / max(total, 1)
 
 
+def _training_samples(model: str, data: Path) -> list:
+    return load_training_samples(zoo_recipe(model, data, out_dir="."))[0]
+
+
+def _vocabulary_report(folder: Path, data: Path) -> dict:
+    """A trimmed row's vocabulary size and the share of VQA-RAD + SLAKE test answers it can still write
+    token for token as trained (every token kept): what it can no longer say, measured."""
+    kept = json.loads((folder / "vocabulary.json").read_text())["kept"]
+    tokenizer = load_processor(folder).tokenizer
+    answers = [s.answer for dataset in DATASETS for s in load_dataset(dataset, data / dataset, "test").samples]
+    return {"n_vocab": len(kept), "test_answers_covered": coverage(tokenizer, kept, answers)}
+
+
 def _row(name: str, model: str, quant: str | None, args, out: Path) -> dict:
     profile = profile_model(ProfileConfig(model=model, quant=quant, device="cpu", batch_size=8, max_new_tokens=16,
-                                          runs=3, out_dir=out / "profile"))
+                                          runs=3, out_dir=out))
+    write_json_atomic(out / "variant.json", {"name": name, "quant": profile.quant, "model": model})
     return {
         "variant": name, "model": model,
         "decode_tokens_per_s": profile.speed["batch_1"].decode_tokens_per_s,
@@ -90,6 +113,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/edge-bench"))
     parser.add_argument("--hf", default="none,quanto-int8,quanto-int4", help="transformers rows (none = fp32)")
     parser.add_argument("--quants", default="f16,q8_0,q4_k_m,q4_0", help="llama.cpp rows")
+    parser.add_argument("--trimmed", default="q4_0:8000,q4_0:32000",
+                        help="trimmed-vocabulary llama.cpp rows, QUANT:TOP_N (zoo models: trained on their recipe)")
     parser.add_argument("--limit", type=int, default=None, help="questions per dataset (quick look)")
     args = parser.parse_args()
     bandwidth = memory_bandwidth()
@@ -97,21 +122,27 @@ def main() -> None:
     for quant in args.hf.split(","):
         name = "transformers fp32" if quant == "none" else f"transformers {quant}"
         rows.append(_row(name, args.model, None if quant == "none" else quant, args, args.out / f"hf-{quant}"))
-    for quant in args.quants.split(","):
-        folder = args.out / f"edge-{quant}" / "model"
+    edge = [(quant, None) for quant in args.quants.split(",")]
+    edge += [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.trimmed.split(",") if spec]
+    for quant, top_n in edge:
+        tag = quant if top_n is None else f"{quant}-vocab{top_n}"
+        folder = args.out / f"edge-{tag}" / "model"
         if not (folder / "tinymed_edge.json").is_file():
-            export_gguf(args.model, quant, folder)
-        row = _row(f"llama.cpp {quant}", str(folder), None, args, args.out / f"edge-{quant}")
+            trim = None if top_n is None else VocabularyTrim(_training_samples(args.model, args.data), top_n)
+            export_gguf(args.model, quant, folder, trim=trim)
+        row = _row(f"llama.cpp {tag}", str(folder), None, args, args.out / f"edge-{tag}")
         gguf_bytes = (folder / read_manifest(folder)["gguf"]).stat().st_size
         row["floor_tokens_per_s"] = bandwidth / gguf_bytes
-        if quant == "f16" and "none" in args.hf.split(","):
-            row["same_answers_as_fp32"] = _same_answers(args.out / "hf-none" / "eval", args.out / f"edge-{quant}" / "eval")
+        if quant == "f16" and top_n is None and "none" in args.hf.split(","):
+            row["same_answers_as_fp32"] = _same_answers(args.out / "hf-none" / "eval", args.out / f"edge-{tag}" / "eval")
+        if top_n is not None:
+            row.update(_vocabulary_report(folder, args.data))
         rows.append(row)
     fp32 = rows[0]["decode_tokens_per_s"]
     write_json_atomic(args.out / "edge_bench.json", {"bandwidth_bytes_per_s": bandwidth, "rows": rows})
     table = Table(title=f"edge engine bench: {args.model}; read bandwidth {bandwidth / 1e9:.1f} GB/s (2 threads)")
     for col in ("variant", "decode tok/s", "vs first", "floor tok/s", "TTFT ms", "static MiB", "dynamic MiB",
-                "VQA-RAD open/closed", "SLAKE open/closed", "same as fp32"):
+                "VQA-RAD open/closed", "SLAKE open/closed", "same as fp32", "vocab", "answers covered"):
         table.add_column(col, justify="right")
     for r in rows:
         acc = r["accuracy"]
@@ -122,8 +153,11 @@ def main() -> None:
             f"{r['dynamic_peak_bytes'] / 2**20:.0f}" if r["dynamic_peak_bytes"] else "",
             *(f"{acc[d]['open']:.2f} / {acc[d]['closed']:.2f}" for d in DATASETS),
             f"{r['same_answers_as_fp32']:.1%}" if "same_answers_as_fp32" in r else "",
+            str(r.get("n_vocab", "")), f"{r['test_answers_covered']:.1%}" if "test_answers_covered" in r else "",
         )
     Console().print(table)
+    report = build_report(ReportConfig(run_dirs=[args.out], out_dir=args.out / "report"))
+    print(f"Pareto front (static memory vs mean closed accuracy): {', '.join(report.front)}")
     print(json.dumps({"bandwidth_GBps": round(bandwidth / 1e9, 2)}))
 
 
