@@ -5,10 +5,13 @@ The same model is served twice on loopback (a real uvicorn server each time): on
 completions (temperature 0, a PNG image each) back to back. Prints requests/s, generated tokens/s,
 p50/p95 latency for each, and the throughput ratio.
 
-    .venv/bin/python bench/serve_throughput.py [--model DIR] [--quant METHOD] [--clients 16]
-        [--requests 4] [--max-tokens 16] [--max-batch 8]
+    .venv/bin/python bench/serve_throughput.py [--model NAME_OR_DIR] [--quant METHOD] [--clients 16]
+        [--requests 4] [--max-tokens 16] [--max-batch 8] [--prompts describe] [--images DIR]
 
-Without --model it uses a tiny random-init LLaVA (the `tiny` preset).
+Without --model it uses a tiny random-init LLaVA (the `tiny` preset). `--prompts describe` asks for
+descriptions instead of short VQA questions; `--images DIR` sends that folder's JPEG/PNG files (in name
+order, cycled) instead of generated colour squares. An edge folder (`tinymed export gguf`) is served
+through llama.cpp, which answers one request at a time: its two modes differ only in queueing.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 from PIL import Image
@@ -31,14 +35,18 @@ from tinymed.serve.app import ServeConfig, create_app, load_served_model
 from tinymed.serve.background import BackgroundServer
 from tinymed.serve.batching import BatchConfig
 
-QUESTIONS = ["Is there a lesion in the left lung?", "What modality is this image?", "Is this an axial slice?",
-             "Where is the abnormality?"]
+PROMPTS = {
+    "vqa": ["Is there a lesion in the left lung?", "What modality is this image?", "Is this an axial slice?",
+            "Where is the abnormality?"],
+    "describe": ["Describe this image.", "Describe the findings in this image.", "What does this image show?",
+                 "Describe the abnormality in this image."],
+}
 
 
 def _model_dir(args) -> str:
     if args.model:
         return args.model
-    texts = [q + " yes no ct mri x-ray axial left right lung" for q in QUESTIONS] * 30
+    texts = [q + " yes no ct mri x-ray axial left right lung" for q in PROMPTS["vqa"]] * 30
     model, processor = build_tiny_model(texts, TinyConfig())
     out = tempfile.mkdtemp(prefix="tinymed-bench-")
     model.save_pretrained(out)
@@ -46,22 +54,34 @@ def _model_dir(args) -> str:
     return out
 
 
-def _image_url(i: int) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (224, 224), color=(20 * i % 255, 120, 255 - 15 * i % 255)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+def _image_urls(folder: str | None, n: int) -> list[str]:
+    """`n` data URLs: the folder's JPEG/PNG files in name order (cycled), or generated colour squares."""
+    if folder:
+        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if not files:
+            raise SystemExit(f"no JPEG or PNG files in {folder}")
+        return [f"data:image/{'png' if files[i % len(files)].suffix.lower() == '.png' else 'jpeg'};base64,"
+                + base64.b64encode(files[i % len(files)].read_bytes()).decode() for i in range(n)]
+    urls = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.new("RGB", (224, 224), color=(20 * i % 255, 120, 255 - 15 * i % 255)).save(buf, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    return urls
 
 
 def _run_clients(url: str, args) -> dict:
     """N clients × K requests; returns wall seconds, latencies (s) and generated tokens."""
+    questions = PROMPTS[args.prompts]
+    urls = _image_urls(args.images, args.clients * args.requests)
 
     def client(c: int) -> list[tuple[float, int]]:
         results = []
         with httpx.Client(timeout=300) as http:
             for k in range(args.requests):
                 body = {"model": "bench", "max_tokens": args.max_tokens, "temperature": 0, "messages": [{
-                    "role": "user", "content": [{"type": "image_url", "image_url": {"url": _image_url(c * 31 + k)}},
-                                                {"type": "text", "text": QUESTIONS[(c + k) % len(QUESTIONS)]}]}]}
+                    "role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[c * args.requests + k]}},
+                                                {"type": "text", "text": questions[(c + k) % len(questions)]}]}]}
                 t0 = time.perf_counter()
                 reply = http.post(url + "/v1/chat/completions", json=body)
                 reply.raise_for_status()
@@ -96,12 +116,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="per client")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--prompts", choices=sorted(PROMPTS), default="vqa")
+    parser.add_argument("--images", help="folder of JPEG/PNG images to send (default: generated squares)")
     args = parser.parse_args()
 
     lm = load_served_model(_model_dir(args), device=args.device, quant=args.quant)
     runs = {f"batched (max {args.max_batch})": _measure(lm, args, args.max_batch), "unbatched": _measure(lm, args, 1)}
     table = Table(title=f"tinymed serve: {args.clients} clients × {args.requests} requests, "
-                        f"max_tokens {args.max_tokens}, {lm.device}, quant {lm.quant}")
+                        f"max_tokens {args.max_tokens}, {args.prompts} prompts, {lm.device}, "
+                        f"engine {lm.engine}, quant {lm.quant}")
     for column in ("mode", "requests", "seconds", "requests/s", "tokens/s", "p50 latency s", "p95 latency s"):
         table.add_column(column, justify="right")
     for mode, run in runs.items():
