@@ -7,8 +7,8 @@ folder = GGUF file + vision tensors), closed / open accuracy on VQA-RAD and SLAK
 metrics, `tinymed evaluate`), and for llama.cpp rows the bandwidth floor: GGUF bytes read per token ÷
 the memory bandwidth measured here (2 threads summing a 1 GiB buffer). The f16 row also reports how
 often its answers equal transformers fp32's. Trimmed-vocabulary rows (`--trimmed q4_0:8000`: keep the
-training data's tokens + the 8000 most frequent English tokens) add their vocabulary size and the share
-of test answers they can still write with the tokens they were trained on (all tokens kept).
+training data's tokens + the 8000 most frequent English tokens) add their vocabulary size and the shares
+of test answers and prompts whose every token is kept (the rest is written / read re-spelled).
 Everything lands in OUT (evaluations resume by run key).
 
     python bench/edge_engine.py --model tinymed-med-270m --data ../shared/data --out runs/edge-bench
@@ -34,7 +34,8 @@ from tinymed.data import load_dataset
 from tinymed.models.gguf import VocabularyTrim, export_gguf
 from tinymed.models.llamacpp import read_manifest
 from tinymed.models.loading import load_processor
-from tinymed.models.vocab import coverage
+from tinymed.models.template import build_prompt
+from tinymed.models.vocab import share_kept
 from tinymed.train.data import load_training_samples
 from tinymed.train.recipes import zoo_recipe
 
@@ -84,12 +85,16 @@ def _training_samples(model: str, data: Path) -> list:
 
 
 def _vocabulary_report(folder: Path, data: Path) -> dict:
-    """A trimmed row's vocabulary size and the share of VQA-RAD + SLAKE test answers it can still write
-    token for token as trained (every token kept): what it can no longer say, measured."""
+    """A trimmed row's vocabulary size and the shares of VQA-RAD + SLAKE test answers (" answer") and
+    prompts (template + question) whose every token is kept: what it writes or reads only re-spelled."""
     kept = json.loads((folder / "vocabulary.json").read_text())["kept"]
-    tokenizer = load_processor(folder).tokenizer
-    answers = [s.answer for dataset in DATASETS for s in load_dataset(dataset, data / dataset, "test").samples]
-    return {"n_vocab": len(kept), "test_answers_covered": coverage(tokenizer, kept, answers)}
+    processor = load_processor(folder)
+    tokenizer = processor.tokenizer
+    samples = [s for dataset in DATASETS for s in load_dataset(dataset, data / dataset, "test").samples]
+    answers = tokenizer([" " + s.answer.strip() for s in samples], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([build_prompt(processor, s.question) for s in samples])["input_ids"]
+    return {"n_vocab": len(kept), "test_answers_kept": share_kept(kept, answers),
+            "test_prompts_kept": share_kept(kept, prompts)}
 
 
 def _row(name: str, model: str, quant: str | None, args, out: Path) -> dict:
@@ -113,7 +118,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/edge-bench"))
     parser.add_argument("--hf", default="none,quanto-int8,quanto-int4", help="transformers rows (none = fp32)")
     parser.add_argument("--quants", default="f16,q8_0,q4_k_m,q4_0", help="llama.cpp rows")
-    parser.add_argument("--trimmed", default="q4_0:8000,q4_0:32000",
+    parser.add_argument("--trimmed", default="q4_0:0,q4_0:8000,q4_0:32000",
                         help="trimmed-vocabulary llama.cpp rows, QUANT:TOP_N (zoo models: trained on their recipe)")
     parser.add_argument("--limit", type=int, default=None, help="questions per dataset (quick look)")
     args = parser.parse_args()
@@ -142,7 +147,7 @@ def main() -> None:
     write_json_atomic(args.out / "edge_bench.json", {"bandwidth_bytes_per_s": bandwidth, "rows": rows})
     table = Table(title=f"edge engine bench: {args.model}; read bandwidth {bandwidth / 1e9:.1f} GB/s (2 threads)")
     for col in ("variant", "decode tok/s", "vs first", "floor tok/s", "TTFT ms", "static MiB", "dynamic MiB",
-                "VQA-RAD open/closed", "SLAKE open/closed", "same as fp32", "vocab", "answers covered"):
+                "VQA-RAD open/closed", "SLAKE open/closed", "same as fp32", "vocab", "answers / prompts kept"):
         table.add_column(col, justify="right")
     for r in rows:
         acc = r["accuracy"]
@@ -153,7 +158,8 @@ def main() -> None:
             f"{r['dynamic_peak_bytes'] / 2**20:.0f}" if r["dynamic_peak_bytes"] else "",
             *(f"{acc[d]['open']:.2f} / {acc[d]['closed']:.2f}" for d in DATASETS),
             f"{r['same_answers_as_fp32']:.1%}" if "same_answers_as_fp32" in r else "",
-            str(r.get("n_vocab", "")), f"{r['test_answers_covered']:.1%}" if "test_answers_covered" in r else "",
+            str(r.get("n_vocab", "")),
+            f"{r['test_answers_kept']:.1%} / {r['test_prompts_kept']:.1%}" if "n_vocab" in r else "",
         )
     Console().print(table)
     report = build_report(ReportConfig(run_dirs=[args.out], out_dir=args.out / "report"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tinymed.models.vocab import coverage, plan_vocabulary, trim_sentencepiece
+from tinymed.models.vocab import plan_vocabulary, share_kept, trim_sentencepiece
 
 PIECES = ["<pad>", "<eos>", "<bos>", "<unk>", "<unused0>", "<0x41>", "▁the", "▁lung", "▁kidney", "▁x", "ray"]
 TYPES = [3, 3, 3, 2, 3, 6, 1, 1, 1, 1, 1]
@@ -37,10 +37,6 @@ def test_trimmed_sentencepiece_keeps_pieces_in_order_and_renumbers_special_ids()
         trim_sentencepiece(proto, [0, 1, 2, 8])
 
 
-def test_coverage_counts_texts_whose_tokens_are_all_kept():
-    class Tokenizer:
-        def __call__(self, texts, add_special_tokens=False):
-            return {"input_ids": [[PIECES.index(w) for w in t.replace(" ", " ▁").split()] for t in texts]}
-
-    assert coverage(Tokenizer(), {6, 7}, ["the lung", "the kidney"]) == 0.5
-    assert coverage(Tokenizer(), {6}, []) == 1.0
+def test_share_kept_counts_texts_whose_tokens_are_all_kept():
+    assert share_kept({6, 7}, [[6, 7], [6, 8], [7]]) == pytest.approx(2 / 3)
+    assert share_kept({6}, []) == 1.0

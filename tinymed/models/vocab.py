@@ -121,10 +121,7 @@ def trim_sentencepiece(proto, kept: Sequence[int]):
     return trimmed
 
 
-def coverage(tokenizer, kept: Iterable[int], texts: Sequence[str]) -> float:
-    """Share of `texts` (each with a leading space, as an answer) whose tokens are all kept, in [0, 1]."""
-    if not texts:
-        return 1.0
+def share_kept(kept: Iterable[int], rows: Sequence[Sequence[int]]) -> float:
+    """Share of token-id `rows` (tokenized texts) whose every token is kept, in [0, 1] (1 when no rows)."""
     kept = set(kept)
-    encoded = tokenizer([" " + t.strip() for t in texts], add_special_tokens=False)["input_ids"]
-    return sum(all(t in kept for t in ids) for ids in encoded) / len(texts)
+    return sum(all(t in kept for t in row) for row in rows) / len(rows) if rows else 1.0
