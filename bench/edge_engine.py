@@ -1,6 +1,7 @@
 """transformers vs llama.cpp on one model, in one run: decode speed, time to first token, memory, accuracy.
 
-Rows: transformers fp32 and its best 8-/4-bit CPU backends (quanto int8/int4, bf16 compute), then the
+Rows: transformers fp32 and its best 8-/4-bit CPU backends (quanto int8/int4, quantized once with
+bfloat16 compute: the fastest accurate pair measured on CPU, see tinymed/quantize/registry.py), then the
 model exported with `tinymed export gguf` at each llama.cpp quantization. Per row: decode tokens/s at
 batch 1 and TTFT (image included) from `tinymed profile`, static and dynamic memory (static of an edge
 folder = GGUF file + vision tensors), closed / open accuracy on VQA-RAD and SLAKE test (LLaVA-Med
@@ -36,6 +37,8 @@ from tinymed.models.llamacpp import read_manifest
 from tinymed.models.loading import load_processor
 from tinymed.models.template import build_prompt
 from tinymed.models.vocab import share_kept
+from tinymed.models.zoo import resolve_model
+from tinymed.quantize import QuantConfig, quantize_model
 from tinymed.train.data import load_training_samples
 from tinymed.train.recipes import zoo_recipe
 
@@ -125,8 +128,14 @@ def main() -> None:
     bandwidth = memory_bandwidth()
     rows = []
     for quant in args.hf.split(","):
-        name = "transformers fp32" if quant == "none" else f"transformers {quant}"
-        rows.append(_row(name, args.model, None if quant == "none" else quant, args, args.out / f"hf-{quant}"))
+        if quant == "none":
+            rows.append(_row("transformers fp32", args.model, None, args, args.out / "hf-none"))
+            continue
+        folder = args.out / f"hf-{quant}" / "model"  # quantized once, computing in bfloat16 (fastest on CPU)
+        if not (folder / "config.json").is_file():
+            quantize_model(resolve_model(args.model), QuantConfig(method=quant, compute_dtype="bfloat16"), folder,
+                           device="cpu")
+        rows.append(_row(f"transformers {quant} (bf16)", str(folder), None, args, args.out / f"hf-{quant}"))
     edge = [(quant, None) for quant in args.quants.split(",")]
     edge += [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.trimmed.split(",") if spec]
     for quant, top_n in edge:
