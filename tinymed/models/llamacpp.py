@@ -106,7 +106,7 @@ class LlamaCppModel:
             self.kept = np.asarray(plan.kept, dtype=np.int64)
             self.rows = np.full(plan.source_size, -1, dtype=np.int64)
             self.rows[self.kept] = np.arange(len(self.kept))
-            self._source_pieces = None
+            self._tokenizer = None
         self.image_row = self._engine_ids([self.image_token_id])[0]  # where the image vectors go
 
     @property
@@ -171,11 +171,11 @@ class LlamaCppModel:
 
     def _spell(self, token: int) -> list[int]:
         """A dropped token's text as kept rows, tokenized by llama.cpp over the trimmed vocabulary."""
-        if self._source_pieces is None:
+        if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._source_pieces = AutoTokenizer.from_pretrained(self.folder)
-        text = self._source_pieces.convert_tokens_to_string([self._source_pieces.convert_ids_to_tokens(token)])
+            self._tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        text = self._tokenizer.convert_tokens_to_string([self._tokenizer.convert_ids_to_tokens(token)])
         raw = text.encode("utf-8")
         buffer = (self.lib.llama_token * (len(raw) + 4))()
         count = self.lib.llama_tokenize(self.vocab, raw, len(raw), buffer, len(buffer), False, False)
