@@ -6,7 +6,7 @@ completions (temperature 0, a PNG image each) back to back. Prints requests/s, g
 p50/p95 latency for each, and the throughput ratio.
 
     .venv/bin/python bench/serve_throughput.py [--model NAME_OR_DIR] [--quant METHOD] [--clients 16]
-        [--requests 4] [--max-tokens 16] [--max-batch 8] [--prompts describe] [--images DIR]
+        [--requests 4] [--max-tokens 16] [--min-tokens 0] [--max-batch 8] [--prompts describe] [--images DIR]
 
 Without --model it uses a tiny random-init LLaVA (the `tiny` preset). `--prompts describe` asks for
 descriptions instead of short VQA questions; `--images DIR` sends that folder's JPEG/PNG files (in name
@@ -79,7 +79,8 @@ def _run_clients(url: str, args) -> dict:
         results = []
         with httpx.Client(timeout=300) as http:
             for k in range(args.requests):
-                body = {"model": "bench", "max_tokens": args.max_tokens, "temperature": 0, "messages": [{
+                body = {"model": "bench", "max_tokens": args.max_tokens, "min_tokens": args.min_tokens,
+                        "temperature": 0, "messages": [{
                     "role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[c * args.requests + k]}},
                                                 {"type": "text", "text": questions[(c + k) % len(questions)]}]}]}
                 t0 = time.perf_counter()
@@ -116,6 +117,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="per client")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--min-tokens", type=int, default=0,
+                        help="vLLM's min_tokens: answers at least this long (= --max-tokens times a fixed length)")
     parser.add_argument("--prompts", choices=sorted(PROMPTS), default="vqa")
     parser.add_argument("--images", help="folder of JPEG/PNG images to send (default: generated squares)")
     args = parser.parse_args()
@@ -123,7 +126,7 @@ def main() -> None:
     lm = load_served_model(_model_dir(args), device=args.device, quant=args.quant)
     runs = {f"batched (max {args.max_batch})": _measure(lm, args, args.max_batch), "unbatched": _measure(lm, args, 1)}
     table = Table(title=f"tinymed serve: {args.clients} clients × {args.requests} requests, "
-                        f"max_tokens {args.max_tokens}, {args.prompts} prompts, {lm.device}, "
+                        f"max_tokens {args.max_tokens} (min {args.min_tokens}), {args.prompts} prompts, {lm.device}, "
                         f"engine {lm.engine}, quant {lm.quant}")
     for column in ("mode", "requests", "seconds", "requests/s", "tokens/s", "p50 latency s", "p95 latency s"):
         table.add_column(column, justify="right")

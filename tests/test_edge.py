@@ -234,8 +234,11 @@ def test_serve_answers_through_llama_cpp_streamed_or_not(edge_f16):
         reply = client.chat.completions.create(model="edge", messages=messages, max_tokens=5)
         chunks = client.chat.completions.create(model="edge", messages=messages, max_tokens=5, stream=True)
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        forced = client.chat.completions.create(model="edge", messages=messages, max_tokens=7,
+                                                extra_body={"min_tokens": 7})
     assert reply.choices[0].message.content == expected == streamed.strip()
     assert reply.usage.completion_tokens <= 5
+    assert forced.usage.completion_tokens == 7 and forced.choices[0].finish_reason == "length"
 
 
 def test_export_gguf_command(tiny_vlm, tmp_path):

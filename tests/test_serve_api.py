@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 from PIL import Image
 
 from conftest import save_tiny_model
@@ -167,6 +168,34 @@ def test_sampling_with_temperature_answers(client, image):
     reply = client.chat.completions.create(model="tiny", messages=user(QUESTION, png_url(image)), max_tokens=5,
                                            temperature=0.9)
     assert reply.usage.completion_tokens <= 5 and reply.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.fixture(scope="module")
+def eos_first_lm(model_dir):
+    """The tiny model rewired to end every answer at once: its layers add nothing, every token embeds alike
+    and EOS has the highest logit for that embedding."""
+    lm = load_model(model_dir, device="cpu")
+    text = lm.model.model.language_model
+    with torch.no_grad():
+        for layer in text.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        text.embed_tokens.weight.fill_(1.0)
+        head = torch.randn_like(lm.model.lm_head.weight) * 0.01
+        head[lm.processor.tokenizer.eos_token_id] = 1.0
+        lm.model.lm_head.weight = torch.nn.Parameter(head)  # untied from the embedding
+    return lm
+
+
+def test_min_tokens_holds_back_the_end_of_the_answer(eos_first_lm, image):
+    body = {"model": "tiny", "messages": user(QUESTION, png_url(image)), "max_tokens": 12}
+    with BackgroundServer(create_app(eos_first_lm, ServeConfig(model_name="tiny"))) as server:
+        free = post(server, body).json()
+        forced = post(server, {**body, "min_tokens": 9}).json()
+        too_many = post(server, {**body, "min_tokens": 13})
+    assert free["usage"]["completion_tokens"] == 0 and free["choices"][0]["finish_reason"] == "stop"
+    assert forced["usage"]["completion_tokens"] == 9 and forced["choices"][0]["finish_reason"] == "stop"
+    assert_error(too_many, 400, "min_tokens_too_large")
 
 
 # ---- bad input ------------------------------------------------------------------------------------------

@@ -131,8 +131,9 @@ class LlamaCppModel:
         """New token ids for one prompt (ids with the image positions marked by the image token): greedy
         at temperature 0, else sampled from softmax(logits / temperature) (as transformers with top_p 1).
 
-        A stop id ends the answer (and is not returned) once `min_new_tokens` are out. `on_token` sees
-        the chosen ids so far, the newest last (possibly a stop id), after each choice; True stops."""
+        A stop id ends the answer (and is not returned); none is chosen before `min_new_tokens` are out.
+        `on_token` sees the chosen ids so far, the newest last (possibly a stop id), after each choice; True
+        stops."""
         import numpy as np
 
         ids = self._engine_ids(input_ids)
@@ -143,12 +144,16 @@ class LlamaCppModel:
         lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
         vectors = self.vision.features(pixel_values).numpy() if pixel_values is not None else None
         self._prefill(ids, vectors)
+        stop_rows = self._engine_ids(sorted(stop_ids))  # special tokens: kept by any trimmed vocabulary
         new: list[int] = []
         while True:
             logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
+            if len(new) < min_new_tokens:  # no end of answer yet, as transformers' min_new_tokens
+                logits = logits.copy()
+                logits[stop_rows] = -np.inf
             row = self._choose(logits, temperature)
             token = row if self.kept is None else int(self.kept[row])
-            stop = token in stop_ids and len(new) >= min_new_tokens
+            stop = token in stop_ids
             halt = on_token([*new, token]) if on_token else False
             if stop:
                 break

@@ -226,12 +226,15 @@ def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
             raise ApiError(400, f"the question is {len(asked.question)} characters; the limit is "
                                 f"{config.max_question_chars}", "question_too_long", "messages")
         max_tokens, stops = max_tokens_of(req), req.stop_list(config.max_stop_chars)
+        if (req.min_tokens or 0) > max_tokens:
+            raise ApiError(400, f"min_tokens is {req.min_tokens}, more than max_tokens ({max_tokens})",
+                           "min_tokens_too_large", "min_tokens")
         call.question = asked.question
         try:
             with batcher.place() as submit:  # a full queue is refused before the image is decoded
                 image = (await decode(asked.image_url)).image
                 job = Job(image=image, question=asked.question, max_tokens=max_tokens,
-                          temperature=req.temperature or 0.0, stop=stops,
+                          temperature=req.temperature or 0.0, stop=stops, min_tokens=req.min_tokens or 0,
                           deadline=time.monotonic() + config.request_timeout_s, emit=call.emitter())
                 submit(job)
         except QueueFull as exc:

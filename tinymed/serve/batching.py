@@ -75,12 +75,14 @@ class Job:
     stop: list[str]
     deadline: float  # time.monotonic() after which the job is abandoned
     emit: Callable[[Event], None]
+    min_tokens: int = 0  # the end-of-answer token is ignored until this many tokens are out
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
-    def batch_key(self) -> float:
-        """Jobs batch together only with equal sampling settings (greedy rows never share a sampled batch)."""
-        return self.temperature
+    def batch_key(self) -> tuple[float, int]:
+        """Jobs batch together only with equal sampling settings (greedy rows never share a sampled batch)
+        and equal `min_tokens` (one generate call applies one)."""
+        return self.temperature, self.min_tokens
 
     def expired(self) -> bool:
         return time.monotonic() > self.deadline
@@ -178,7 +180,7 @@ class Batcher:
                 self._busy = 0
                 del batch  # not kept (with its images) while the worker waits for the next one
 
-    def _take_companion(self, key: float) -> Job | None:
+    def _take_companion(self, key: tuple[float, int]) -> Job | None:
         for job in self._pending:
             if job.batch_key == key:
                 self._pending.remove(job)

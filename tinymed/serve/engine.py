@@ -140,6 +140,7 @@ class Engine:
         if not live:
             return
         kwargs = generation_kwargs(self.lm, max(r.job.max_tokens for r in live), live[0].job.temperature)
+        kwargs["min_new_tokens"] = live[0].job.min_tokens  # equal in a batch (Job.batch_key)
         stopper = StoppingCriteriaList([_RowStopper(self, rows, prompt_len)])
         with torch.inference_mode():
             out = self.lm.model.generate(**inputs, **kwargs, stopping_criteria=stopper)
@@ -160,7 +161,8 @@ class Engine:
             row.update(*self._split(ids), self._decode)
             return row.done
 
-        new = self.stream(self.lm, job.image, job.question, job.max_tokens, job.temperature, step)
+        new = self.stream(self.lm, job.image, job.question, job.max_tokens, job.temperature, step,
+                          min_new_tokens=job.min_tokens)
         if not row.done:
             row.finish(self._decode(new).strip(), "stop" if len(new) < job.max_tokens else "length", len(new))
 

@@ -5,6 +5,8 @@ reproducible), one image per request (in any system or user message), images onl
 server fetches nothing), no multi-turn history (system + user text is folded into the one question the
 model is asked), at most 4 stop strings of bounded length. Types are strict, as OpenAI's are:
 `max_tokens: true` or `stream: "yes"` are refused, not coerced (an integer `temperature` is a number).
+One extension, named as vLLM names it: `min_tokens` (the end-of-answer token is ignored until that many
+tokens are out; benchmarks use it to time a fixed answer length).
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class ChatRequest(Strict):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(0.0, ge=0, le=2, allow_inf_nan=False)
+    min_tokens: int | None = Field(0, ge=0, description="vLLM's extension: no end of answer before this many tokens")
     stop: str | list[str] | None = None
     n: int | None = Field(1, ge=1, le=1, description="one choice per request")
 
