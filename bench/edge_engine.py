@@ -32,6 +32,7 @@ from tinymed.evaluate.runner import EvalConfig, evaluate
 from tinymed.io import read_jsonl, write_json_atomic
 from tinymed.analysis import ReportConfig, build_report
 from tinymed.data import load_dataset
+from tinymed.models.features import answer_text
 from tinymed.models.gguf import VocabularyTrim, export_gguf
 from tinymed.models.llamacpp import read_manifest
 from tinymed.models.loading import load_processor
@@ -94,7 +95,7 @@ def _vocabulary_report(folder: Path, data: Path) -> dict:
     processor = load_processor(folder)
     tokenizer = processor.tokenizer
     samples = [s for dataset in DATASETS for s in load_dataset(dataset, data / dataset, "test").samples]
-    answers = tokenizer([" " + s.answer.strip() for s in samples], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([answer_text(s.answer) for s in samples], add_special_tokens=False)["input_ids"]
     prompts = tokenizer([build_prompt(processor, s.question) for s in samples])["input_ids"]
     return {"n_vocab": len(kept), "test_answers_kept": share_kept(kept, answers),
             "test_prompts_kept": share_kept(kept, prompts)}

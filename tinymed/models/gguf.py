@@ -17,7 +17,6 @@ llama-cpp-python from its sdist and keeps that same sdist's `vendor/llama.cpp/` 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -99,10 +98,9 @@ def export_gguf(model: str, quant: str, out: str | Path, tokenizer_gguf: str | P
 
     def write(tmp: Path) -> None:
         lm_dir = tmp / "lm-hf"
-        _write_causal_lm(lm, lm_dir, tokenizer_gguf)
+        plan = _write_causal_lm(lm, lm_dir, tokenizer_gguf, trim)
         extra = {}
-        if trim is not None:
-            plan = _trim_causal_lm(lm_dir, lm.processor, trim)
+        if plan is not None:
             write_json_atomic(tmp / VOCABULARY_FILE, plan.to_json())
             extra = {"vocabulary": VOCABULARY_FILE, "n_vocab": len(plan.kept)}
         f16 = tmp / "lm-f16.gguf"
@@ -122,25 +120,34 @@ def export_gguf(model: str, quant: str, out: str | Path, tokenizer_gguf: str | P
     return write_folder_atomic(Path(out), write)
 
 
-def _write_causal_lm(lm, folder: Path, tokenizer_gguf: str | Path | None) -> None:
-    """The LM part of an image-text model as a plain causal-LM folder llama.cpp's converter reads."""
+def _write_causal_lm(lm, folder: Path, tokenizer_gguf: str | Path | None,
+                     trim: VocabularyTrim | None = None) -> VocabularyPlan | None:
+    """The LM part of an image-text model as a plain causal-LM folder llama.cpp's converter reads;
+    with `trim`, only the planned vocabulary rows (returns the plan)."""
+    import copy
+
     from transformers import AutoModelForCausalLM
 
-    inner = lm.model.model
-    causal = AutoModelForCausalLM.from_config(lm.model.config.text_config)
-    state = {f"model.{k}": v for k, v in inner.language_model.state_dict().items()}
-    state["lm_head.weight"] = lm.model.lm_head.weight
-    causal.load_state_dict(state, strict=True)
-    causal.save_pretrained(folder)
     lm.processor.tokenizer.save_pretrained(folder)
     if tokenizer_gguf is not None and not (folder / "tokenizer.model").is_file():
         write_sentencepiece_model(Path(tokenizer_gguf), folder / "tokenizer.model")
+    plan = _trim_tokenizer(folder, lm.processor, trim) if trim is not None else None
+    config = copy.deepcopy(lm.model.config.text_config)
+    state = {f"model.{k}": v for k, v in lm.model.model.language_model.state_dict().items()}
+    state["lm_head.weight"] = lm.model.lm_head.weight
+    if plan is not None:
+        config.vocab_size = len(plan.kept)
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):
+            state[key] = state[key][plan.kept]
+    causal = AutoModelForCausalLM.from_config(config)
+    causal.load_state_dict(state, strict=True)
+    causal.save_pretrained(folder)
+    return plan
 
 
-def _trim_causal_lm(folder: Path, processor, trim: VocabularyTrim) -> VocabularyPlan:
-    """Cut the causal-LM folder's vocabulary to the planned rows: embedding (tied LM head) and
-    `tokenizer.model`; the HF tokenizer files go, so the converter reads only the trimmed vocabulary."""
-    from safetensors.torch import load_file, save_file
+def _trim_tokenizer(folder: Path, processor, trim: VocabularyTrim) -> VocabularyPlan:
+    """Plan the kept vocabulary and leave only its trimmed `tokenizer.model` in the folder (the HF
+    tokenizer files go, so the converter reads only the trimmed vocabulary)."""
     from sentencepiece import sentencepiece_model_pb2 as spm
 
     spm_file = folder / "tokenizer.model"
@@ -154,14 +161,6 @@ def _trim_causal_lm(folder: Path, processor, trim: VocabularyTrim) -> Vocabulary
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                  "chat_template.jinja"):
         (folder / name).unlink(missing_ok=True)
-    weights = folder / "model.safetensors"
-    state = load_file(str(weights))
-    key = "model.embed_tokens.weight"
-    state[key] = state[key][plan.kept].contiguous()
-    state.pop("lm_head.weight", None)  # tied to the embedding
-    save_file(state, str(weights), metadata={"format": "pt"})
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    write_json_atomic(folder / "config.json", {**config, "vocab_size": len(plan.kept)})
     return plan
 
 

@@ -25,11 +25,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 from tinymed.data import MedVQASample
+from tinymed.models.features import answer_text
 from tinymed.models.template import build_prompt
 
 VOCABULARY_FILE = "vocabulary.json"
 ENGLISH_WORDS = 50_000  # wordfreq's most frequent English words ranked into tokens
-_NORMAL, _UNUSED_PIECE = 1, re.compile(r"<unused\d+>")
+_NORMAL, _UNUSED = 1, 5  # SentencePiece piece types
+_UNUSED_PIECE = re.compile(r"<unused\d+>")
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def training_token_ids(processor, samples: Iterable[MedVQASample]) -> set[int]:
     ids: set[int] = {tokenizer.eos_token_id}
     samples = list(samples)
     prompts = tokenizer([build_prompt(processor, s.question) for s in samples])["input_ids"]
-    answers = tokenizer([" " + s.answer.strip() for s in samples], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([answer_text(s.answer) for s in samples], add_special_tokens=False)["input_ids"]
     for row in (*prompts, *answers):
         ids.update(row)
     return ids
@@ -89,7 +91,7 @@ def plan_vocabulary(pieces: Sequence[str], types: Sequence[int], training_ids: s
     """The kept ids for a SentencePiece vocabulary (`pieces`/`types` by id; types as in SentencePiece:
     1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)."""
     size = len(pieces)
-    special = {i for i in range(size) if types[i] != _NORMAL and types[i] != 5
+    special = {i for i in range(size) if types[i] not in (_NORMAL, _UNUSED)
                and not _UNUSED_PIECE.fullmatch(pieces[i])}
     outside = sorted(i for i in training_ids if not 0 <= i < size)
     if outside:
