@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from tinymed.cli.finetune import pair_datasets
 from tinymed.models import IGNORE_INDEX, TinyConfig, encode_for_training, load_model
 from tinymed.train import DatasetSpec, FinetuneConfig, StageConfig, finetune
-from tinymed.train.data import Collator, EpochSampler
+from tinymed.data import load_dataset
+from tinymed.train.data import Collator, EpochSampler, VQATrainDataset
 from tinymed.train.loop import planned_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +138,33 @@ def test_collated_batch_has_loss_on_answers_only(align_run):
     assert (batch["labels"][0, n - n_answer : n] == short["input_ids"][n - n_answer :]).all()
     assert (batch["labels"][0, n:] == IGNORE_INDEX).all()  # padding
     assert batch["pixel_values"].shape[0] == 2
+
+
+def _counting_image_loads(monkeypatch) -> list[str]:
+    from tinymed.data import MedVQASample
+
+    loads, load = [], MedVQASample.load_image
+    monkeypatch.setattr(MedVQASample, "load_image", lambda self: (loads.append(self.image), load(self))[1])
+    return loads
+
+
+def test_later_epochs_reuse_encoded_examples_within_the_cache_budget(align_run, data_dir, monkeypatch):
+    processor = load_model(align_run[0] / "final", device="cpu").processor
+    samples = load_dataset("llava-med", str(data_dir), "train").samples
+    loads = _counting_image_loads(monkeypatch)
+    cached = VQATrainDataset(samples, processor, cache_bytes=1 << 20)
+    first = [cached[i] for i in range(len(samples))]
+    second = [cached[i] for i in range(len(samples))]
+    assert len(loads) == N_GOOD + 1 + 1  # each image once, the broken one every time
+    assert sum("skipped" in e for e in second) == 1
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "skipped")
+    uncached = VQATrainDataset(samples, processor, cache_bytes=0)
+    loads.clear()
+    for _ in range(2):
+        again = [uncached[i] for i in range(len(samples))]
+    assert len(loads) == 2 * (N_GOOD + 1)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first, again) for k in a if k != "skipped")
 
 
 def test_gradient_accumulation_step_count(data_dir, tmp_path):

@@ -588,8 +588,8 @@ def test_full_queue_is_refused_before_the_image_is_decoded(slow):
     wait_idle(server, within_s=5)
     corrupt = user(QUESTION, data_url(jpeg_bytes()[:1500], "image/jpeg"))
     with ThreadPoolExecutor(2) as pool:
-        busy = [pool.submit(post, server, LONG | {"max_tokens": 25}) for _ in range(2)]
-        deadline = time.monotonic() + 5
+        busy = [pool.submit(post, server, LONG | {"max_tokens": 60, "min_tokens": 60}) for _ in range(2)]
+        deadline = time.monotonic() + 15  # generous: under full-suite load the second post can be slow to arrive
         while httpx.get(server.url + "/health").json()["queue"]["waiting"] == 0:
             assert time.monotonic() < deadline
             time.sleep(0.01)

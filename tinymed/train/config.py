@@ -63,6 +63,8 @@ class FinetuneConfig(BaseModel):
     log_every: int = Field(5, ge=1)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (images load in workers)")
     group_by_length: bool = Field(False, description="batches of similar length (less padding; see EpochSampler)")
+    cache_mb: int = Field(2048, ge=0, description="MiB of decoded pixel values kept in memory across epochs "
+                                                  "(per DataLoader worker; 0 = decode every image every epoch)")
 
 
 @dataclass

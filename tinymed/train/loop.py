@@ -120,8 +120,8 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress: bool = True
         _trim_log(out / "train_log.jsonl", state.global_step)
     show = progress and accelerator.is_main_process
     with _progress_bar() if show else nullcontext() as bar:
-        run = Run(config, accelerator, VQATrainDataset(samples, processor), processor, state, resume_from, bar,
-                  base_seconds=state.seconds)
+        dataset = VQATrainDataset(samples, processor, cache_bytes=config.cache_mb << 20)
+        run = Run(config, accelerator, dataset, processor, state, resume_from, bar, base_seconds=state.seconds)
         for index, stage in enumerate(config.stages):
             if index >= state.stage_index:
                 model = _run_stage(run, index, stage, model)
