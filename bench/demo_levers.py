@@ -4,8 +4,9 @@ Every row fine-tunes one tiny-preset variant (align stage, then the instruct sta
 train split and scores fp32 greedy answers on the test split: closed accuracy and open recall (LLaVA-Med),
 and closed accuracy per question kind, beside the question-only baseline of the same train split. Levers:
 the tower (random SigLIP-style ViT frozen as before, the same ViT trained, ImageNet EfficientNet-Lite0
-frozen), input resolution and image-token count, and (`--n-train`) how many training questions the
-generator writes (the test split does not depend on it).
+frozen), input resolution and image-token count, the LM's depth and width, the prompt order (question
+before the image), and (`--n-train`) how many training questions the generator writes (the test split
+does not depend on it); `--epochs`, `--batch-size`, `--lr` set the instruct stage.
 
     .venv/bin/python bench/demo_levers.py --levers vit-frozen,vit-trained,lite0-128 --epochs 3
 """
@@ -34,6 +35,11 @@ LEVERS: dict[str, tuple[TinyConfig, bool]] = {  # name → (model, whether the i
     "vit-frozen": (TinyConfig(), False),  # the demo before issue 13: random tower, never trained
     "vit-trained": (TinyConfig(), True),
     "vit-trained-128": (TinyConfig(image_size=128, patch_size=32), True),
+    "vit-frozen-lm4": (TinyConfig(text_layers=4), False),
+    "vit-frozen-image-last": (TinyConfig(image_after_question=True), False),
+    "vit-trained-image-last": (TinyConfig(image_after_question=True), True),
+    "vit-trained-lm4": (TinyConfig(text_layers=4), True),
+    "vit-trained-lm256": (TinyConfig(text_hidden=256), True),
     "lite0-96": (TinyConfig(vision="efficientnet-lite0", image_size=96), False),
     "lite0-128": (TinyConfig(vision="efficientnet-lite0", image_size=128), False),
     "lite0-160": (TinyConfig(vision="efficientnet-lite0", image_size=160), False),
@@ -56,6 +62,7 @@ def main() -> None:
     parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, of: {', '.join(LEVERS)}")
     parser.add_argument("--epochs", type=float, default=3.0, help="instruct-stage epochs (align: 0.25)")
     parser.add_argument("--lr", type=float, default=2e-3, help="instruct-stage learning rate")
+    parser.add_argument("--batch-size", type=int, default=16, help="both stages")
     parser.add_argument("--n-train", type=int, default=SynthConfig().n_train, help="training questions generated")
     parser.add_argument("--eval-limit", type=int, default=None, help="score only the first N test questions")
     parser.add_argument("--out", type=Path, default=None, help="keep runs here (default: a temporary folder)")
@@ -63,11 +70,12 @@ def main() -> None:
     data = str(ensure_default_dataset(SynthConfig(n_train=args.n_train)))
     out = args.out or Path(tempfile.mkdtemp(prefix="tinymed-demo-levers-"))
     stages = lambda train_vision: [  # noqa: E731
-        StageConfig(name="align", epochs=0.25, lr=1e-3, batch_size=16),
-        StageConfig(name="instruct", epochs=args.epochs, lr=args.lr, batch_size=16, train_vision=train_vision),
+        StageConfig(name="align", epochs=0.25, lr=1e-3, batch_size=args.batch_size),
+        StageConfig(name="instruct", epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                    train_vision=train_vision),
     ]
     table = Table(title=f"demo levers: {args.n_train} training questions, instruct {args.epochs:g} epochs at "
-                        f"lr {args.lr:g}; closed accuracy per kind (%)")
+                        f"lr {args.lr:g}, batch {args.batch_size}; closed accuracy per kind (%)")
     for column in ("lever", "train s", "closed", "open recall", *KINDS):
         table.add_column(column, justify="right")
     test = load_dataset("synthetic", data, "test", limit=args.eval_limit).samples

@@ -30,8 +30,17 @@ def tiny_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny"), TEXTS, text_layers=2)
 
 
-def test_training_prompt_is_the_inference_prompt(tiny_dir):
-    lm = load_model(tiny_dir, device="cpu")
+@pytest.fixture(scope="module")
+def image_last_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("image-last"), TEXTS, text_layers=2, image_after_question=True)
+
+
+@pytest.mark.parametrize("folder, prompt_end", [
+    ("tiny_dir", "USER: <image>\n{question} ASSISTANT:"),
+    ("image_last_dir", "USER: {question}<image>\n ASSISTANT:"),
+])
+def test_training_prompt_is_the_inference_prompt(folder, prompt_end, request):
+    lm = load_model(request.getfixturevalue(folder), device="cpu")
     img = _images(1)[0]
     question = "Is there a lesion in the left lung?"
     example = encode_for_training(lm.processor, img, question, "yes")
@@ -42,7 +51,10 @@ def test_training_prompt_is_the_inference_prompt(tiny_dir):
     answer_ids = example["labels"][n_prompt:]
     assert lm.tokenizer.decode(answer_ids, skip_special_tokens=True).strip() == "yes"
     assert answer_ids[-1].item() == lm.tokenizer.eos_token_id
-    assert build_prompt(lm.processor, question).endswith(f"USER: <image>\n{question} ASSISTANT:")
+    assert build_prompt(lm.processor, question).endswith(prompt_end.format(question=question))
+    image_token = lm.model.config.image_token_index
+    positions = (inference["input_ids"][0] == image_token).nonzero().flatten()
+    assert len(positions) == lm.model.config.image_seq_length
 
 
 def test_batched_greedy_equals_one_at_a_time(tiny_dir):

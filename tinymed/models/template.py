@@ -12,13 +12,14 @@ from __future__ import annotations
 # `IMAGE_SLOT` stands for the model's image token (`<image>` for tokenizers trained here; a pretrained
 # LM's own token, e.g. Gemma's `<start_of_image>`, so its vocabulary needs no new row).
 IMAGE_SLOT = "@@IMAGE@@"
+_IMAGES = "{% for part in message['content'] %}{% if part['type'] == 'image' %}@@IMAGE@@\n{% endif %}{% endfor %}"
+_TEXTS = "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
 _TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }} "
     "{% elif message['role'] == 'user' %}USER: "
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}@@IMAGE@@\n{% endif %}{% endfor %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% else %}@@USER_PARTS@@"
     "{% endif %} "
     "{% elif message['role'] == 'assistant' %}ASSISTANT: "
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -30,9 +31,12 @@ _TEMPLATE = (
 )
 
 
-def chat_template(image_token: str = "<image>") -> str:
-    """The tinymed chat template for a tokenizer whose image-position token is `image_token`."""
-    return _TEMPLATE.replace(IMAGE_SLOT, image_token)
+def chat_template(image_token: str = "<image>", image_last: bool = False) -> str:
+    """The tinymed chat template for a tokenizer whose image-position token is `image_token`: the user's
+    image before the question (LLaVA's order), or after it with `image_last`
+    ("USER: {question}<image>\n ASSISTANT:"), so that a causal LM reads the image already knowing the question."""
+    parts = _TEXTS + _IMAGES if image_last else _IMAGES + _TEXTS
+    return _TEMPLATE.replace("@@USER_PARTS@@", parts).replace(IMAGE_SLOT, image_token)
 
 
 TINYMED_CHAT_TEMPLATE = chat_template("<image>")

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from tinymed.models.compose import VISION_LITE0, ComposeConfig, compose_fastvlm
-from tinymed.models.template import TINYMED_CHAT_TEMPLATE
+from tinymed.models.template import chat_template
 from tinymed.models.tokenizer import IMAGE, train_tokenizer
 
 
@@ -34,6 +34,7 @@ class TinyConfig(BaseModel):
     vocab_size: int = 2000
     max_positions: int = 512
     vision_feature_layer: int = Field(-1, description="which SigLIP hidden layer feeds the projector")
+    image_after_question: bool = Field(False, description="prompt order: question, then image (SigLIP only)")
     seed: int = 0
 
 
@@ -109,7 +110,7 @@ def _siglip_llava(tokenizer, text, config: TinyConfig):
         tokenizer=tokenizer,
         patch_size=config.patch_size,
         vision_feature_select_strategy="full",
-        chat_template=TINYMED_CHAT_TEMPLATE,
+        chat_template=chat_template(IMAGE, image_last=config.image_after_question),
         image_token=IMAGE,
         num_additional_image_tokens=0,
     )
