@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterable
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from tinymed.models.compose import VISION_LITE0, ComposeConfig, compose_fastvlm
 from tinymed.models.template import chat_template
@@ -36,6 +36,13 @@ class TinyConfig(BaseModel):
     vision_feature_layer: int = Field(-1, description="which SigLIP hidden layer feeds the projector")
     image_after_question: bool = Field(False, description="prompt order: question, then image (SigLIP only)")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _image_order_needs_siglip(self) -> "TinyConfig":
+        if self.image_after_question and self.vision != "siglip":
+            raise ValueError("image_after_question is only built for the SigLIP tower (the Lite0 composition "
+                             "uses the pretrained LM's template)")
+        return self
 
 
 def build_tiny_model(texts: Iterable[str], config: TinyConfig = TinyConfig()):
