@@ -1,6 +1,15 @@
 """Train stage: two-stage fine-tuning (alignment, then instruction tuning) of a LLaVA model."""
 
-from tinymed.train.config import DatasetSpec, FinetuneConfig, FinetuneResult, StageConfig, default_stages, demo_stages
+from tinymed.train.config import (
+    DEMO_MODEL,
+    DEMO_TRAIN_QUESTIONS,
+    DatasetSpec,
+    FinetuneConfig,
+    FinetuneResult,
+    StageConfig,
+    default_stages,
+    demo_stages,
+)
 from tinymed.train.loop import finetune
 
-__all__ = ["DatasetSpec", "FinetuneConfig", "FinetuneResult", "StageConfig", "default_stages", "demo_stages", "finetune"]
+__all__ = ["DEMO_MODEL", "DEMO_TRAIN_QUESTIONS", "DatasetSpec", "FinetuneConfig", "FinetuneResult", "StageConfig", "default_stages", "demo_stages", "finetune"]
