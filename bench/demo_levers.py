@@ -39,6 +39,7 @@ LEVERS: dict[str, tuple[TinyConfig, bool]] = {  # name → (model, whether the i
     "vit-frozen-image-last": (TinyConfig(image_after_question=True), False),
     "vit-trained-image-last": (TinyConfig(image_after_question=True), True),
     "vit-frozen-image-last-lm256": (TinyConfig(image_after_question=True, text_hidden=256), False),
+    "vit-frozen-image-last-lm4": (TinyConfig(image_after_question=True, text_layers=4), False),
     "vit-trained-lm4": (TinyConfig(text_layers=4), True),
     "vit-trained-lm256": (TinyConfig(text_hidden=256), True),
     "lite0-96": (TinyConfig(vision="efficientnet-lite0", image_size=96), False),
