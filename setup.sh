@@ -30,4 +30,8 @@ if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null || [ ! -f "$LLAMA_SRC/co
   rm -rf "$sdist_dir"
 fi
 .venv/bin/pip install -q -e ".[dev]"
+# optimum-quanto compiles its CPU int4 kernels (quanto_cpp) on first use, into the venv: ≈45 s on 2 cores,
+# measured 2026-12-03 as the first `tinymed demo`'s FQ4 evaluation taking 54 s instead of 11. Do it now.
+echo "building optimum-quanto's CPU kernels (once)..."
+.venv/bin/python -c "from optimum.quanto.library.extensions.cpp import ext; ext.lib" 2>/dev/null
 .venv/bin/tinymed --version

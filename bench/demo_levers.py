@@ -5,8 +5,8 @@ train split and scores fp32 greedy answers on the test split: closed accuracy an
 and closed accuracy per question kind, beside the question-only baseline of the same train split. Levers:
 the tower (random SigLIP-style ViT frozen as before, the same ViT trained, ImageNet EfficientNet-Lite0
 frozen), input resolution and image-token count, the LM's depth and width, the prompt order (question
-before the image), and (`--n-train`) how many training questions the generator writes (the test split
-does not depend on it); `--epochs`, `--batch-size`, `--lr` set the instruct stage.
+before the image), and (`--n-train`, `--emphasis`) how many training questions the generator writes and
+which kinds it asks more often (the test split depends on neither); `--epochs`, `--batch-size`, `--lr` set the instruct stage.
 
     .venv/bin/python bench/demo_levers.py --levers vit-frozen,vit-trained,lite0-128 --epochs 3
 """
@@ -39,6 +39,7 @@ LEVERS: dict[str, tuple[TinyConfig, bool]] = {  # name → (model, whether the i
     "vit-frozen-image-last": (TinyConfig(image_after_question=True), False),
     "vit-trained-image-last": (TinyConfig(image_after_question=True), True),
     "vit-frozen-image-last-lm256": (TinyConfig(image_after_question=True, text_hidden=256), False),
+    "vit-frozen-image-last-tied": (TinyConfig(image_after_question=True, tie_embeddings=True), False),
     "vit-frozen-image-last-lm4": (TinyConfig(image_after_question=True, text_layers=4), False),
     "vit-trained-lm4": (TinyConfig(text_layers=4), True),
     "vit-trained-lm256": (TinyConfig(text_hidden=256), True),
@@ -66,18 +67,23 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="instruct-stage learning rate")
     parser.add_argument("--batch-size", type=int, default=16, help="both stages")
     parser.add_argument("--n-train", type=int, default=SynthConfig().n_train, help="training questions generated")
+    parser.add_argument("--loss-average", choices=("token", "sample"), default="token", help="instruct-stage loss")
+    parser.add_argument("--emphasis", default="", help="train-split kind weights, e.g. organ_yesno=3,plane_yesno=3 "
+                                                           "(SynthConfig.train_emphasis; the test split is unchanged)")
+    parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     parser.add_argument("--eval-limit", type=int, default=None, help="score only the first N test questions")
     parser.add_argument("--out", type=Path, default=None, help="keep runs here (default: a temporary folder)")
     args = parser.parse_args()
-    data = str(ensure_default_dataset(SynthConfig(n_train=args.n_train)))
+    emphasis = {name: float(factor) for name, factor in (item.split("=") for item in args.emphasis.split(",") if item)}
+    data = str(ensure_default_dataset(SynthConfig(n_train=args.n_train, train_emphasis=emphasis)))
     out = args.out or Path(tempfile.mkdtemp(prefix="tinymed-demo-levers-"))
     stages = lambda train_vision: [  # noqa: E731
         StageConfig(name="align", epochs=0.25, lr=1e-3, batch_size=args.batch_size),
         StageConfig(name="instruct", epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                    train_vision=train_vision),
+                    train_vision=train_vision, loss_average=args.loss_average),
     ]
-    table = Table(title=f"demo levers: {args.n_train} training questions, instruct {args.epochs:g} epochs at "
-                        f"lr {args.lr:g}, batch {args.batch_size}; closed accuracy per kind (%)")
+    table = Table(title=f"demo levers: {args.n_train} training questions{' ' + args.emphasis if emphasis else ''}, instruct {args.epochs:g} epochs at "
+                        f"lr {args.lr:g}, batch {args.batch_size}, {args.loss_average}-mean loss, seed {args.seed}; closed accuracy per kind (%)")
     for column in ("lever", "train s", "closed", "open recall", *KINDS):
         table.add_column(column, justify="right")
     test = load_dataset("synthetic", data, "test", limit=args.eval_limit).samples
@@ -87,7 +93,8 @@ def main() -> None:
     for name in args.levers.split(","):
         tiny, train_vision = LEVERS[name]
         start = time.perf_counter()
-        trained = finetune(FinetuneConfig(datasets=[DatasetSpec(name="synthetic", path=data)], tiny=tiny,
+        trained = finetune(FinetuneConfig(datasets=[DatasetSpec(name="synthetic", path=data)],
+                                          tiny=tiny.model_copy(update={"seed": args.seed}), seed=args.seed,
                                           stages=stages(train_vision), out_dir=out / name), progress=False)
         seconds = time.perf_counter() - start
         result = evaluate(EvalConfig(model=str(trained.model_dir), dataset="synthetic", path=data, out_dir=out / name / "eval",

@@ -23,7 +23,7 @@ from tinymed.models import IGNORE_INDEX, TinyConfig, encode_for_training, load_m
 from tinymed.train import DatasetSpec, FinetuneConfig, StageConfig, finetune
 from tinymed.data import load_dataset
 from tinymed.train.data import Collator, EpochSampler, VQATrainDataset
-from tinymed.train.loop import planned_steps
+from tinymed.train.loop import answer_loss, planned_steps
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TinyConfig(text_layers=2, image_size=32, vision_layers=1)
@@ -138,6 +138,28 @@ def test_collated_batch_has_loss_on_answers_only(align_run):
     assert (batch["labels"][0, n - n_answer : n] == short["input_ids"][n - n_answer :]).all()
     assert (batch["labels"][0, n:] == IGNORE_INDEX).all()  # padding
     assert batch["pixel_values"].shape[0] == 2
+
+
+def test_sample_mean_loss_weighs_each_answer_equally(align_run):
+    import torch.nn.functional as F
+
+    loaded = load_model(align_run[0] / "final", device="cpu")
+    image = Image.new("RGB", (40, 40), COLORS["red"])
+    examples = [encode_for_training(loaded.processor, image, "Is it red?", "yes"),
+                encode_for_training(loaded.processor, image, "What color?", "red and a bit of blue and green")]
+    batch = Collator(loaded.processor.tokenizer.pad_token_id)(examples)
+    with torch.no_grad():
+        logits = loaded.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
+        per_sample = []
+        for row in range(2):
+            answer = batch["labels"][row, 1:] != IGNORE_INDEX
+            per_sample.append(F.cross_entropy(logits[row, :-1][answer], batch["labels"][row, 1:][answer], reduction="none"))
+        token_mean = torch.cat(per_sample).mean()
+        sample_mean = (per_sample[0].mean() + per_sample[1].mean()) / 2
+        assert len(per_sample[0]) < len(per_sample[1])
+        assert torch.allclose(answer_loss(loaded.model, batch), token_mean, atol=1e-5)
+        assert torch.allclose(answer_loss(loaded.model, batch, "sample"), sample_mean, atol=1e-5)
+        assert not torch.allclose(token_mean, sample_mean, atol=1e-3)
 
 
 def _counting_image_loads(monkeypatch) -> list[str]:

@@ -84,6 +84,15 @@ def test_saved_model_loads_with_plain_transformers(tiny_dir):
     assert plain == ours
 
 
+def test_tied_embeddings_share_one_matrix_after_reload(tmp_path):
+    folder = save_tiny_model(tmp_path, TEXTS, text_layers=1, tie_embeddings=True)
+    lm = load_model(folder, device="cpu")
+    assert lm.model.lm_head.weight is lm.model.get_input_embeddings().weight
+    untied = load_model(save_tiny_model(tmp_path / "untied", TEXTS, text_layers=1), device="cpu")
+    n_params = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert n_params(untied.model) - n_params(lm.model) == lm.model.lm_head.weight.numel()
+
+
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a local folder nor a Hub id"):
         load_model(tmp_path / "nope" / "model", device="cpu")

@@ -110,6 +110,24 @@ def test_sizes_count_questions_and_meta_is_complete(tmp_path):
         assert image.size == (96, 96)
 
 
+def test_train_emphasis_reweights_train_kinds_and_leaves_the_test_split_byte_identical(tmp_path):
+    config = SMALL.model_copy(update={"n_train": 1200})
+    generate_synthetic(tmp_path / "plain", config)
+    generate_synthetic(tmp_path / "emph", config.model_copy(update={"train_emphasis": {"organ_yesno": 4.0}}))
+    plain, emph = _files(tmp_path / "plain"), _files(tmp_path / "emph")
+    assert plain["test.json"] == emph["test.json"]
+    assert {k: v for k, v in plain.items() if "_test_" in k} == {k: v for k, v in emph.items() if "_test_" in k}
+
+    def organ_yesno_share(folder: Path) -> float:
+        return np.mean([r["template"].startswith("organ_yesno/") for r in _records(folder, "train")])
+
+    assert organ_yesno_share(tmp_path / "emph") > 2.5 * organ_yesno_share(tmp_path / "plain")
+    answers = Counter(_answer(r) for r in _records(tmp_path / "emph", "train") if r["template"].startswith("organ_yesno/"))
+    assert abs(answers["yes"] - answers["no"]) < 0.2 * sum(answers.values())  # still balanced
+    with pytest.raises(ValueError, match="unknown question kind 'organ'"):
+        SynthConfig(train_emphasis={"organ": 2.0})
+
+
 def test_regenerating_into_a_used_folder_leaves_only_the_new_set(tmp_path):
     generate_synthetic(tmp_path, SMALL.model_copy(update={"n_train": 400}))
     result = generate_synthetic(tmp_path, SMALL)
@@ -291,6 +309,8 @@ def test_default_cache_folder_name(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TINYMED_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path / f"synthetic-v{GENERATOR_VERSION}-seed0"
+    emphasised = SynthConfig(n_train=100, train_emphasis={"plane_yesno": 3.0, "organ_yesno": 2.5})
+    assert default_cache_dir(emphasised).name.endswith("-100-800-128px-q4-organ_yesnox2.5-plane_yesnox3")
 
 
 def test_cli_writes_the_set_and_prints_a_summary(tmp_path):
@@ -304,3 +324,9 @@ def test_cli_writes_the_set_and_prints_a_summary(tmp_path):
     assert "train" in result.output and "30" in result.output
     assert len(_records(out, "train")) == 30 and len(_records(out, "test")) == 10
     assert json.loads((out / "meta.json").read_text())["config"]["seed"] == 5
+    emphasised = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "e"), "--n-train", "30", "--n-test", "10",
+                                          "--emphasis", "organ_yesno=3"])  # fmt: skip
+    assert emphasised.exit_code == 0, emphasised.output
+    assert json.loads((tmp_path / "e" / "meta.json").read_text())["config"]["train_emphasis"] == {"organ_yesno": 3.0}
+    unknown = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "u"), "--emphasis", "organ=3"])
+    assert unknown.exit_code != 0 and "unknown question kind 'organ'" in unknown.output

@@ -34,7 +34,7 @@ from tinymed.evaluate.image_controls import ImageControl
 from tinymed.evaluate.runner import EvalConfig, evaluate, prediction_record
 from tinymed.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from tinymed.quantize import QuantConfig, default_demo_quant, quantize_model
-from tinymed.train import DEMO_MODEL, DEMO_TRAIN_QUESTIONS, DatasetSpec, FinetuneConfig, demo_stages, finetune
+from tinymed.train import DEMO_DATA, DEMO_MODEL, DatasetSpec, FinetuneConfig, demo_stages, finetune
 
 # progress(description) → a context manager yielding update(done, total)
 ProgressFactory = Callable[[str], AbstractContextManager[Callable[[int, int], None]]]
@@ -69,7 +69,7 @@ class BenchmarkConfig(VariantOptions):
 class DemoConfig(VariantOptions):
     out_dir: Path = Path("tinymed-demo")
     datasets: list[DatasetSpec] = Field(default_factory=list, description="real datasets; empty = synthetic")
-    synth: SynthConfig = Field(default_factory=lambda: SynthConfig(n_train=DEMO_TRAIN_QUESTIONS))
+    synth: SynthConfig = Field(default_factory=lambda: DEMO_DATA.model_copy(deep=True))
 
 
 def _datasets(config: DemoConfig) -> list[DatasetSpec]:

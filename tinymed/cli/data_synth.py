@@ -24,14 +24,20 @@ def synth(
     questions_per_image: float = typer.Option(
         _DEFAULTS.questions_per_image, "--questions-per-image", min=1.0, max=8.0, help="Mean questions per image."
     ),
+    emphasis: list[str] = typer.Option(
+        [], "--emphasis", help="KIND=FACTOR: ask that question kind FACTOR times as often, train split only "
+                               "(repeatable; the demo's are in tinymed.train.DEMO_DATA)."),
 ) -> None:
     """Generate the deterministic synthetic medical VQA set (X-ray, CT, MRI, histology).
 
     VQA-RAD-style questions, balanced so that the question alone predicts nothing; sizes count questions.
     """
-    config = SynthConfig(
-        n_train=n_train, n_test=n_test, seed=seed, image_size=image_size, questions_per_image=questions_per_image
-    )
+    try:
+        weights = {kind: float(factor) for kind, factor in (item.split("=", 1) for item in emphasis)}
+        config = SynthConfig(n_train=n_train, n_test=n_test, seed=seed, image_size=image_size,
+                             questions_per_image=questions_per_image, train_emphasis=weights)
+    except ValueError as error:  # a malformed KIND=FACTOR or an unknown kind
+        raise typer.BadParameter(f"--emphasis {' '.join(emphasis)}: {error}") from None
     with counting_progress("generating") as update:
         result = generate_synthetic(out, config, progress=update)
     table = Table(title=f"synthetic, seed {seed}, {image_size} px")

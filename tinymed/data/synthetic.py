@@ -13,6 +13,8 @@ Conventions
   value drawn uniformly, and each asked-about attribute is uniform over its values among the images
   the question applies to (presence too: half the images have no lesion). Whether a question is asked
   is decided per image and kind independently of its answer, so the question alone predicts nothing.
+- Emphasis: `SynthConfig.train_emphasis` re-weights question kinds in the train split only (a
+  curriculum); the test split is drawn from its own random streams with the default weights.
 - Determinism: image j of a split draws from `numpy.random.default_rng([seed, split, j, stream])`, so
   the same config gives byte-identical JSON and PNG files.
 """
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from tinymed.io import write_json_atomic
 
@@ -56,6 +58,21 @@ class SynthConfig(BaseModel):
     seed: int = 0
     image_size: int = Field(128, ge=32, le=1024, description="square PNG side in pixels")
     questions_per_image: float = Field(4.0, ge=1.0, le=8.0, description="mean questions per image")
+    train_emphasis: dict[str, float] = Field(
+        default_factory=dict,
+        description="question-kind name → multiplier of its weight in the TRAIN split only (the test split "
+                    "is the same bytes whatever this says)")
+
+    @field_validator("train_emphasis")
+    @classmethod
+    def _known_kinds(cls, emphasis: dict[str, float]) -> dict[str, float]:
+        names = {kind.name for kind in KINDS}
+        for name, factor in emphasis.items():
+            if name not in names:
+                raise ValueError(f"train_emphasis: unknown question kind {name!r} (known: {', '.join(sorted(names))})")
+            if not factor > 0:
+                raise ValueError(f"train_emphasis[{name!r}] must be > 0, got {factor}")
+        return emphasis
 
 
 @dataclass(frozen=True)
@@ -585,19 +602,21 @@ def ask_about(scene: Scene, rng: np.random.Generator, inclusion: dict[str, float
 
 
 @cache
-def inclusion_probabilities(questions_per_image: float) -> dict[str, float]:
+def inclusion_probabilities(questions_per_image: float, emphasis: tuple[tuple[str, float], ...] = ()) -> dict[str, float]:
     """Per-kind probability of being asked where it applies, scaled so an image gets
-    `questions_per_image` questions on average (applicability estimated on fixed-seed scenes)."""
+    `questions_per_image` questions on average (applicability estimated on fixed-seed scenes).
+    `emphasis` ((kind name, weight multiplier), ...) re-weights kinds before the scaling."""
     rng = np.random.default_rng(20240601)
     scenes = [sample_scene(rng) for _ in range(2000)]
     applies = np.array([np.mean([k.attribute(s) is not None for s in scenes]) for k in KINDS])
-    weights = np.array([k.weight for k in KINDS])
+    factors = dict(emphasis)
+    weights = np.array([k.weight * factors.get(k.name, 1.0) for k in KINDS])
     low, high = 0.0, 10.0
     for _ in range(50):
         scale = (low + high) / 2
         expected = float((applies * np.minimum(1.0, scale * weights)).sum())
         low, high = (scale, high) if expected < questions_per_image else (low, scale)
-    return {k.name: float(min(1.0, low * k.weight)) for k in KINDS}
+    return {k.name: float(min(1.0, low * w)) for k, w in zip(KINDS, weights)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -651,7 +670,8 @@ def _write_split(out_dir: Path, split: str, split_index: int, target: int, confi
 
 def _images_with_questions(config: SynthConfig, split_index: int) -> Iterator[tuple]:
     """(scene, questions, rng for drawing) per image that gets at least one question."""
-    inclusion = inclusion_probabilities(config.questions_per_image)
+    emphasis = tuple(sorted(config.train_emphasis.items())) if SPLITS[split_index] == "train" else ()
+    inclusion = inclusion_probabilities(config.questions_per_image, emphasis)
     draw = 0
     while True:
         rng = np.random.default_rng([config.seed, split_index, draw, 0])
@@ -710,6 +730,7 @@ def default_cache_dir(config: SynthConfig = SynthConfig()) -> Path:
     name = f"synthetic-v{GENERATOR_VERSION}-seed{config.seed}"
     if config.model_copy(update={"seed": 0}) != SynthConfig():
         name += f"-{config.n_train}-{config.n_test}-{config.image_size}px-q{config.questions_per_image:g}"
+        name += "".join(f"-{kind}x{factor:g}" for kind, factor in sorted(config.train_emphasis.items()))
     return root / name
 
 

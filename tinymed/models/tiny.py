@@ -35,6 +35,7 @@ class TinyConfig(BaseModel):
     max_positions: int = 512
     vision_feature_layer: int = Field(-1, description="which SigLIP hidden layer feeds the projector")
     image_after_question: bool = Field(False, description="prompt order: question, then image (SigLIP only)")
+    tie_embeddings: bool = Field(False, description="one matrix for the LM's input embedding and output head")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -61,6 +62,7 @@ def build_tiny_model(texts: Iterable[str], config: TinyConfig = TinyConfig()):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=config.tie_embeddings,
     )
     build = _lite0_fastvlm if config.vision == VISION_LITE0 else _siglip_llava
     return build(tokenizer, text, config)

@@ -1,8 +1,8 @@
 """Train stage: two-stage fine-tuning (alignment, then instruction tuning) of a LLaVA model."""
 
 from tinymed.train.config import (
+    DEMO_DATA,
     DEMO_MODEL,
-    DEMO_TRAIN_QUESTIONS,
     DatasetSpec,
     FinetuneConfig,
     FinetuneResult,
@@ -12,4 +12,4 @@ from tinymed.train.config import (
 )
 from tinymed.train.loop import finetune
 
-__all__ = ["DEMO_MODEL", "DEMO_TRAIN_QUESTIONS", "DatasetSpec", "FinetuneConfig", "FinetuneResult", "StageConfig", "default_stages", "demo_stages", "finetune"]
+__all__ = ["DEMO_DATA", "DEMO_MODEL", "DatasetSpec", "FinetuneConfig", "FinetuneResult", "StageConfig", "default_stages", "demo_stages", "finetune"]

@@ -171,10 +171,11 @@ def _run_stage(run: Run, index: int, stage: StageConfig, model):
     return model if (last and config.keep_adapter) else merged(model)
 
 
-def answer_loss(model, batch: dict):
-    """Mean cross-entropy over the answer tokens, with LM-head logits computed only where a label is
-    (the same value as the model's own loss; a 262k-word head over every prompt position would be the
-    largest matmul of the step)."""
+def answer_loss(model, batch: dict, average: str = "token"):
+    """Cross-entropy over the answer tokens, with LM-head logits computed only where a label is
+    (a 262k-word head over every prompt position would be the largest matmul of the step).
+    average="token": the mean over every answer token of the batch (the model's own loss);
+    "sample": each sample's mean over its answer tokens, then the mean over samples."""
     import torch
     import torch.nn.functional as F
 
@@ -185,7 +186,12 @@ def answer_loss(model, batch: dict):
     keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
     keep[:, :-1] = answer  # the position before each answer token predicts it
     logits = model(**{k: batch[k] for k in MODEL_INPUTS}, logits_to_keep=keep).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[answer])
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[answer], reduction="none")
+    if average == "token":
+        return losses.mean()
+    per_sample = answer.sum(dim=1)
+    owner = torch.repeat_interleave(torch.arange(len(per_sample)), per_sample)  # row-major = logits order
+    return (losses / per_sample[owner]).sum() / (per_sample > 0).sum()
 
 
 def _run_epoch(run: Run, index: int, stage: StageConfig, total: int, objects, task) -> None:
@@ -199,7 +205,7 @@ def _run_epoch(run: Run, index: int, stage: StageConfig, total: int, objects, ta
     for batch in loader:
         with acc.accumulate(model):
             if "input_ids" in batch:
-                loss = answer_loss(model, batch)
+                loss = answer_loss(model, batch, stage.loss_average)
                 acc.backward(loss)
                 step_loss, step_batches = step_loss + loss.item(), step_batches + 1
                 run.state.window_samples += len(batch["input_ids"]) * acc.num_processes
