@@ -33,5 +33,7 @@ fi
 # optimum-quanto compiles its CPU int4 kernels (quanto_cpp) on first use, into the venv: ≈45 s on 2 cores,
 # measured 2026-12-03 as the first `tinymed demo`'s FQ4 evaluation taking 54 s instead of 11. Do it now.
 echo "building optimum-quanto's CPU kernels (once)..."
-.venv/bin/python -c "from optimum.quanto.library.extensions.cpp import ext; ext.lib" 2>/dev/null
+if ! .venv/bin/python -c "from optimum.quanto.library.extensions.cpp import ext; ext.lib" >.venv/quanto-build.log 2>&1; then
+  cat .venv/quanto-build.log; exit 1
+fi
 .venv/bin/tinymed --version

@@ -6,7 +6,8 @@ and closed accuracy per question kind, beside the question-only baseline of the 
 the tower (random SigLIP-style ViT frozen as before, the same ViT trained, ImageNet EfficientNet-Lite0
 frozen), input resolution and image-token count, the LM's depth and width, the prompt order (question
 before the image), and (`--n-train`, `--emphasis`) how many training questions the generator writes and
-which kinds it asks more often (the test split depends on neither); `--epochs`, `--batch-size`, `--lr` set the instruct stage.
+which kinds it asks more often (the test split depends on neither); `--epochs`, `--batch-size`, `--lr`,
+`--loss-average` set the instruct stage, `--seed` the initialisation and data order.
 
     .venv/bin/python bench/demo_levers.py --levers vit-frozen,vit-trained,lite0-128 --epochs 3
 """
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tinymed.data import load_dataset
-from tinymed.data.synthetic import SynthConfig, ensure_default_dataset
+from tinymed.data.synthetic import SynthConfig, ensure_default_dataset, parse_emphasis
 from tinymed.evaluate.baseline import QuestionOnlyBaseline
 from tinymed.evaluate.metrics import score_predictions
 from tinymed.evaluate.runner import EvalConfig, evaluate, prediction_record
@@ -74,7 +75,7 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=None, help="score only the first N test questions")
     parser.add_argument("--out", type=Path, default=None, help="keep runs here (default: a temporary folder)")
     args = parser.parse_args()
-    emphasis = {name: float(factor) for name, factor in (item.split("=") for item in args.emphasis.split(",") if item)}
+    emphasis = parse_emphasis(item for item in args.emphasis.split(",") if item)
     data = str(ensure_default_dataset(SynthConfig(n_train=args.n_train, train_emphasis=emphasis)))
     out = args.out or Path(tempfile.mkdtemp(prefix="tinymed-demo-levers-"))
     stages = lambda train_vision: [  # noqa: E731
@@ -82,8 +83,10 @@ def main() -> None:
         StageConfig(name="instruct", epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                     train_vision=train_vision, loss_average=args.loss_average),
     ]
-    table = Table(title=f"demo levers: {args.n_train} training questions{' ' + args.emphasis if emphasis else ''}, instruct {args.epochs:g} epochs at "
-                        f"lr {args.lr:g}, batch {args.batch_size}, {args.loss_average}-mean loss, seed {args.seed}; closed accuracy per kind (%)")
+    asked = f" ({args.emphasis})" if emphasis else ""
+    table = Table(title=f"demo levers: {args.n_train} training questions{asked}, instruct {args.epochs:g} epochs at "
+                        f"lr {args.lr:g}, batch {args.batch_size}, {args.loss_average}-mean loss, seed {args.seed}; "
+                        "closed accuracy per kind (%)")
     for column in ("lever", "train s", "closed", "open recall", *KINDS):
         table.add_column(column, justify="right")
     test = load_dataset("synthetic", data, "test", limit=args.eval_limit).samples

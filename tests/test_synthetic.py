@@ -330,3 +330,5 @@ def test_cli_writes_the_set_and_prints_a_summary(tmp_path):
     assert json.loads((tmp_path / "e" / "meta.json").read_text())["config"]["train_emphasis"] == {"organ_yesno": 3.0}
     unknown = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "u"), "--emphasis", "organ=3"])
     assert unknown.exit_code != 0 and "unknown question kind 'organ'" in unknown.output
+    malformed = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "m"), "--emphasis", "organ_yesno"])
+    assert malformed.exit_code != 0 and "'organ_yesno' is not" in malformed.output

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tinymed.cli.progress import counting_progress
-from tinymed.data.synthetic import SynthConfig, generate_synthetic
+from tinymed.data.synthetic import SynthConfig, generate_synthetic, parse_emphasis
 
 _DEFAULTS = SynthConfig()
 _console = Console()
@@ -33,11 +33,10 @@ def synth(
     VQA-RAD-style questions, balanced so that the question alone predicts nothing; sizes count questions.
     """
     try:
-        weights = {kind: float(factor) for kind, factor in (item.split("=", 1) for item in emphasis)}
         config = SynthConfig(n_train=n_train, n_test=n_test, seed=seed, image_size=image_size,
-                             questions_per_image=questions_per_image, train_emphasis=weights)
+                             questions_per_image=questions_per_image, train_emphasis=parse_emphasis(emphasis))
     except ValueError as error:  # a malformed KIND=FACTOR or an unknown kind
-        raise typer.BadParameter(f"--emphasis {' '.join(emphasis)}: {error}") from None
+        raise typer.BadParameter(f"--emphasis: {error}") from None
     with counting_progress("generating") as update:
         result = generate_synthetic(out, config, progress=update)
     table = Table(title=f"synthetic, seed {seed}, {image_size} px")

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -73,6 +73,18 @@ class SynthConfig(BaseModel):
             if not factor > 0:
                 raise ValueError(f"train_emphasis[{name!r}] must be > 0, got {factor}")
         return emphasis
+
+
+def parse_emphasis(items: Iterable[str]) -> dict[str, float]:
+    """`train_emphasis` from "KIND=FACTOR" strings (as `--emphasis` takes them); ValueError names a malformed one."""
+    emphasis = {}
+    for item in items:
+        kind, _, factor = item.partition("=")
+        try:
+            emphasis[kind.strip()] = float(factor)
+        except ValueError:
+            raise ValueError(f"emphasis {item!r} is not KIND=FACTOR (e.g. organ_yesno=3)") from None
+    return emphasis
 
 
 @dataclass(frozen=True)
