@@ -7,7 +7,8 @@ the tower (random SigLIP-style ViT frozen as before, the same ViT trained, Image
 frozen), input resolution and image-token count, the LM's depth and width, the prompt order (question
 before the image), and (`--n-train`, `--emphasis`) how many training questions the generator writes and
 which kinds it asks more often (the test split depends on neither); `--epochs`, `--batch-size`, `--lr`,
-`--loss-average` set the instruct stage, `--seed` the initialisation and data order.
+`--loss-average` set the instruct stage, `--seed` the initialisation and data order. Left unset, they are
+the demo's (`tinymed.train.DEMO_DATA`, `demo_stages()`).
 
     .venv/bin/python bench/demo_levers.py --levers vit-frozen,vit-trained,lite0-128 --epochs 3
 """
@@ -28,8 +29,8 @@ from tinymed.evaluate.baseline import QuestionOnlyBaseline
 from tinymed.evaluate.metrics import score_predictions
 from tinymed.evaluate.runner import EvalConfig, evaluate, prediction_record
 from tinymed.models import TinyConfig
-from tinymed.train import DatasetSpec, FinetuneConfig, finetune
-from tinymed.train.config import StageConfig
+from tinymed.train import DEMO_DATA, DatasetSpec, FinetuneConfig, finetune
+from tinymed.train.config import StageConfig, demo_stages
 
 KINDS = ("ABN", "COLOR", "COUNT", "MODALITY", "ORGAN", "PLANE", "POS", "PRES", "SIZE")
 LEVERS: dict[str, tuple[TinyConfig, bool]] = {  # name → (model, whether the instruct stage trains the tower)
@@ -42,6 +43,9 @@ LEVERS: dict[str, tuple[TinyConfig, bool]] = {  # name → (model, whether the i
     "vit-frozen-image-last-lm256": (TinyConfig(image_after_question=True, text_hidden=256), False),
     "vit-frozen-image-last-tied": (TinyConfig(image_after_question=True, tie_embeddings=True), False),
     "vit-frozen-image-last-lm4": (TinyConfig(image_after_question=True, text_layers=4), False),
+    "vit-frozen-image-last-mlp4x": (TinyConfig(image_after_question=True, text_mlp_ratio=4), False),
+    "vit-frozen-image-last-mlp8x": (TinyConfig(image_after_question=True, text_mlp_ratio=8), False),
+    "vit-frozen-image-last-heads8": (TinyConfig(image_after_question=True, heads=8), False),
     "vit-trained-lm4": (TinyConfig(text_layers=4), True),
     "vit-trained-lm256": (TinyConfig(text_hidden=256), True),
     "lite0-96": (TinyConfig(vision="efficientnet-lite0", image_size=96), False),
@@ -64,10 +68,11 @@ def _row(name: str, metrics: dict, seconds: float | None) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, of: {', '.join(LEVERS)}")
-    parser.add_argument("--epochs", type=float, default=3.0, help="instruct-stage epochs (align: 0.25)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="instruct-stage learning rate")
-    parser.add_argument("--batch-size", type=int, default=16, help="both stages")
-    parser.add_argument("--n-train", type=int, default=SynthConfig().n_train, help="training questions generated")
+    demo = demo_stages()[-1]  # defaults: the demo's recipe
+    parser.add_argument("--epochs", type=float, default=demo.epochs, help="instruct-stage epochs (align: 0.25)")
+    parser.add_argument("--lr", type=float, default=demo.lr, help="instruct-stage learning rate")
+    parser.add_argument("--batch-size", type=int, default=demo.batch_size, help="both stages")
+    parser.add_argument("--n-train", type=int, default=DEMO_DATA.n_train, help="training questions generated")
     parser.add_argument("--loss-average", choices=("token", "sample"), default="token", help="instruct-stage loss")
     parser.add_argument("--emphasis", default="", help="train-split kind weights, e.g. organ_yesno=3,plane_yesno=3 "
                                                            "(SynthConfig.train_emphasis; the test split is unchanged)")

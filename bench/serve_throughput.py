@@ -7,11 +7,14 @@ p50/p95 latency for each, and the throughput ratio.
 
     .venv/bin/python bench/serve_throughput.py [--model NAME_OR_DIR] [--quant METHOD] [--clients 16]
         [--requests 4] [--max-tokens 16] [--min-tokens 0] [--max-batch 8] [--prompts describe] [--images DIR]
+        [--cpu-linear aten,onednn]
 
 Without --model it uses a tiny random-init LLaVA (the `tiny` preset). `--prompts describe` asks for
 descriptions instead of short VQA questions; `--images DIR` sends that folder's JPEG/PNG files (in name
 order, cycled) instead of generated colour squares. An edge folder (`tinymed export gguf`) is served
 through llama.cpp, which answers one request at a time: its two modes differ only in queueing.
+`--cpu-linear aten,onednn` measures both modes with each kernel for the fp32 CPU linear layers
+(`tinymed serve --cpu-linear`; default auto, what the server uses).
 """
 
 from __future__ import annotations
@@ -121,13 +124,28 @@ def main() -> None:
                         help="vLLM's min_tokens: answers at least this long (= --max-tokens times a fixed length)")
     parser.add_argument("--prompts", choices=sorted(PROMPTS), default="vqa")
     parser.add_argument("--images", help="folder of JPEG/PNG images to send (default: generated squares)")
+    parser.add_argument("--cpu-linear", default="auto", help="comma-separated kernels to measure: aten, onednn, auto")
     args = parser.parse_args()
 
-    lm = load_served_model(_model_dir(args), device=args.device, quant=args.quant)
-    runs = {f"batched (max {args.max_batch})": _measure(lm, args, args.max_batch), "unbatched": _measure(lm, args, 1)}
+    model = _model_dir(args)
+    console = Console()
+    ratios = []
+    for kernel in args.cpu_linear.split(","):
+        lm = load_served_model(model, device=args.device, quant=args.quant, linear_kernel=kernel)
+        runs = {f"batched (max {args.max_batch})": _measure(lm, args, args.max_batch),
+                "unbatched": _measure(lm, args, 1)}
+        _print_table(console, lm, args, runs)
+        batched, unbatched = runs.values()
+        ratios.append((lm.linear_kernel, unbatched["seconds"] / batched["seconds"]))
+        del lm
+    for kernel, ratio in ratios:
+        console.print(f"throughput ratio (batched / unbatched), linear kernel {kernel}: {ratio:.2f}×")
+
+
+def _print_table(console: Console, lm, args, runs: dict) -> None:
     table = Table(title=f"tinymed serve: {args.clients} clients × {args.requests} requests, "
                         f"max_tokens {args.max_tokens} (min {args.min_tokens}), {args.prompts} prompts, {lm.device}, "
-                        f"engine {lm.engine}, quant {lm.quant}")
+                        f"engine {lm.engine}, quant {lm.quant}, linear kernel {lm.linear_kernel}")
     for column in ("mode", "requests", "seconds", "requests/s", "tokens/s", "p50 latency s", "p95 latency s"):
         table.add_column(column, justify="right")
     for mode, run in runs.items():
@@ -135,10 +153,7 @@ def main() -> None:
         table.add_row(mode, str(n), f"{run['seconds']:.2f}", f"{n / run['seconds']:.2f}",
                       f"{run['tokens'] / run['seconds']:.1f}", f"{_percentile(run['latencies'], 50):.3f}",
                       f"{_percentile(run['latencies'], 95):.3f}")
-    console = Console()
     console.print(table)
-    batched, unbatched = runs.values()
-    console.print(f"throughput ratio (batched / unbatched): {unbatched['seconds'] / batched['seconds']:.2f}×")
 
 
 if __name__ == "__main__":

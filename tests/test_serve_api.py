@@ -408,6 +408,35 @@ def test_batcher_groups_by_sampling_settings_and_bounds_its_queue():
     assert all(isinstance(e, Finished) for e in events)
 
 
+@pytest.mark.parametrize("run_seconds, expected", [(1.0, [1, 3]), (0.0, [1, 1, 1, 1])])
+def test_batcher_waits_for_companions_in_proportion_to_its_batches(run_seconds, expected):
+    """After a slow batch, jobs arriving 20 ms apart share the next one; after an instant batch nobody waits."""
+    batches, done = [], threading.Event()
+
+    def run_batch(jobs):
+        time.sleep(run_seconds)
+        batches.append(len(jobs))
+        for j in jobs:
+            j.emit(Finished("ok", "stop", 1, 1))
+        if sum(batches) == 4:
+            done.set()
+
+    batcher = Batcher(run_batch, BatchConfig(max_batch=8, batch_wait_ms=300, wait_share=0.5))
+    events: list = []
+    batcher.start()
+    try:
+        batcher.submit(_job(events))  # the first batch (no history: waits batch_wait_ms)
+        while not events:
+            time.sleep(0.005)
+        for _ in range(3):
+            batcher.submit(_job(events))
+            time.sleep(0.02 if run_seconds else 0.1)
+        assert done.wait(10)
+    finally:
+        batcher.stop()
+    assert batches == expected
+
+
 def test_batcher_stop_fails_waiting_jobs():
     batcher = Batcher(lambda jobs: time.sleep(0.3), BatchConfig(max_batch=1))
     events: list = []

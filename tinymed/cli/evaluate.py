@@ -29,6 +29,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
         limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N questions (quick look)."),
         device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+        cpu_linear: str = typer.Option("aten", "--cpu-linear", help="Kernel of the fp32 CPU linear layers: aten (PyTorch's default), onednn (what `tinymed serve` uses by default) or auto."),
         skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip malformed dataset rows (counted)."),
         fresh: bool = typer.Option(False, "--fresh", help="Ignore predictions an interrupted run left in --out."),
         image_control: ImageControl = typer.Option(
@@ -46,7 +47,7 @@ def register(app: typer.Typer) -> None:
         config = EvalConfig(
             model=model, quant=quant, endpoint=endpoint, model_name=model_name, api_key=api_key, dataset=dataset,
             path=path, split=split, language=language, out_dir=out, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, limit=limit, device=device, skip_invalid=skip_invalid, resume=not fresh,
+            max_new_tokens=max_new_tokens, limit=limit, device=device, linear_kernel=cpu_linear, skip_invalid=skip_invalid, resume=not fresh,
             image_control=image_control, control_seed=control_seed,
         )
         err = Console(stderr=True)

@@ -70,6 +70,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="Checkpoint folder (plain or quantized) or Hub id."),
         quant: str | None = typer.Option(None, "--quant", help="Quantize a plain checkpoint on load with this method."),
         device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+        cpu_linear: str = typer.Option("aten", "--cpu-linear", help="Kernel of the fp32 CPU linear layers: aten (PyTorch's default), onednn (what `tinymed serve` uses by default) or auto."),
         out: Path | None = typer.Option(None, "--out", help="Folder for profile.json."),
         questions: Path | None = typer.Option(None, "--questions", help="Conversation-format file (default: built-in set of 8)."),
         batch_size: int = typer.Option(8, "--batch-size", min=1, help="Evaluation batch size (second speed figure)."),
@@ -80,14 +81,14 @@ def register(app: typer.Typer) -> None:
         from tinymed.data import DataError
         from tinymed.evaluate.memory import ProfileConfig, profile_model
 
-        config = ProfileConfig(model=model, quant=quant, device=device, out_dir=out, questions=questions,
+        config = ProfileConfig(model=model, quant=quant, device=device, linear_kernel=cpu_linear, out_dir=out, questions=questions,
                                batch_size=batch_size, max_new_tokens=max_new_tokens, runs=runs)
         try:
             with Console(stderr=True).status(f"profiling {model}"):
                 result = profile_model(config)
         except (DataError, ValueError, FileNotFoundError, RuntimeError) as exc:
             _fail(exc)
-        table = Table(title=f"{model} · {result.quant} · {result.device} ({result.dtype})")
+        table = Table(title=f"{model} · {result.quant} · {result.device} ({result.dtype}, linear {result.linear_kernel})")
         for col in ("batch", "TTFT ms", "decode tok/s", "latency ms"):
             table.add_column(col, justify="right")
         for fig in result.speed.values():

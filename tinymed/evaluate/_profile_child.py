@@ -66,7 +66,7 @@ def main(config_file: str, result_file: str) -> None:
     images, questions, _ = question_set(config.questions, config.n_questions)
     process = psutil.Process()
     baseline = process.memory_info().rss
-    lm = load_for_inference(config.model, device=config.device, quant=config.quant)
+    lm = load_for_inference(config.model, device=config.device, quant=config.quant, linear_kernel=config.linear_kernel)
     load_peak = peak_rss()
     trimmed = release_freed_memory()
     after_load = process.memory_info().rss

@@ -44,6 +44,7 @@ class ProfileConfig(BaseModel):
     model: str = Field(description="checkpoint folder (plain or tinymed-quantized) or Hub id")
     quant: str | None = Field(None, description="quantize a plain checkpoint on load with this method")
     device: str = "auto"
+    linear_kernel: str = Field("aten", description="fp32 CPU linear kernel: aten, onednn or auto (tinymed.models.kernels)")
     out_dir: Path | None = Field(None, description="where profile.json goes (None = not written)")
     questions: Path | None = Field(None, description="conversation-format file; None = the built-in set")
     n_questions: int = Field(8, ge=1)
@@ -97,6 +98,7 @@ class ProfileResult(BaseModel):
     model: str
     quant: str
     device: str
+    linear_kernel: str = "aten"  # profiles from before the option ran on PyTorch's default
     dtype: str
     questions: QuestionSet
     static: StaticMemory
@@ -244,19 +246,19 @@ def profile_model(config: ProfileConfig) -> ProfileResult:
 
     start = time.perf_counter()
     images, questions, qset = question_set(config.questions, config.n_questions)
-    lm = load_for_inference(config.model, device=config.device, quant=config.quant)
+    lm = load_for_inference(config.model, device=config.device, quant=config.quant, linear_kernel=config.linear_kernel)
     speed = {f"batch_{b}": measure_speed(lm, images, questions, b, config) for b in sorted({1, config.batch_size})}
     dynamic = None
     if config.dynamic:
         dynamic = cuda_peak_memory(lm, images, questions, config) if lm.device.startswith("cuda") else None
     static = static_memory(lm, config.model)
     dtype = getattr(lm.model, "weights_dtype", None) or str(next(lm.model.parameters()).dtype).removeprefix("torch.")
-    device, quant = lm.device, lm.quant
+    device, quant, kernel = lm.device, lm.quant, lm.linear_kernel
     del lm
     if config.dynamic and dynamic is None:
         dynamic = cpu_peak_memory(config, device)
     result = ProfileResult(
-        model=config.model, quant=quant, device=device, dtype=dtype, questions=qset, static=static,
+        model=config.model, quant=quant, device=device, linear_kernel=kernel, dtype=dtype, questions=qset, static=static,
         dynamic=dynamic, speed=speed, torch=torch.__version__, versions=_versions(device),
         seconds=round(time.perf_counter() - start, 2),
     )

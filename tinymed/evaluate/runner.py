@@ -52,6 +52,7 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = Field(32, ge=1)
     limit: int | None = Field(None, ge=1)
     device: str = "auto"
+    linear_kernel: str = Field("aten", description="fp32 CPU linear kernel: aten, onednn or auto (tinymed.models.kernels)")
     skip_invalid: bool = False
     resume: bool = True
     image_control: ImageControl = Field("none", description="none (own image), shuffled (another case's) or blank")
@@ -96,13 +97,14 @@ def local_answerer(config: EvalConfig) -> tuple[Answerer, dict]:
     from tinymed.models import generate_batch
     from tinymed.quantize import load_for_inference
 
-    lm = load_for_inference(config.model, device=config.device, quant=config.quant)
+    lm = load_for_inference(config.model, device=config.device, quant=config.quant, linear_kernel=config.linear_kernel)
 
     def answer(samples, images):
         out = generate_batch(lm, images, [s.question for s in samples], config.max_new_tokens)
         return [a.text for a in out]
 
-    return answer, {"model": config.model, "quant": lm.quant, "engine": lm.engine, "device": lm.device}
+    return answer, {"model": config.model, "quant": lm.quant, "engine": lm.engine, "device": lm.device,
+                    "linear_kernel": lm.linear_kernel}
 
 
 def image_data_url(image) -> str:
@@ -181,6 +183,8 @@ def _run_key(config: EvalConfig, plan: ImagePlan) -> str:
     its weights on disk, data, decoding and image control (kind, seed and which image each case is shown)."""
     fields = ("model", "quant", "endpoint", "model_name", "dataset", "path", "split", "language", "max_new_tokens")
     key = [getattr(config, f) for f in fields] + _weights_fingerprint(config.model) + plan.fingerprint()
+    if config.linear_kernel != "aten":  # runs from before the option keep their keys
+        key.append(config.linear_kernel)
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 

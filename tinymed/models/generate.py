@@ -66,13 +66,17 @@ def _transformers_batch(lm, images: Sequence, questions: Sequence[str], max_new_
     return answers
 
 
-def _llamacpp_stream(lm, image, question: str, max_new_tokens: int, temperature: float = 0.0,
+def encode_prompt(lm, image, question: str):
+    """The processor's output for one question: prompt ids (image positions included) and pixels."""
+    return lm.processor(text=[build_prompt(lm.processor, question)], images=[image], return_tensors="pt")
+
+
+def _llamacpp_stream(lm, encoded, max_new_tokens: int, temperature: float = 0.0,
                      on_token: Callable[[list[int]], bool] | None = None, min_new_tokens: int = 0) -> list[int]:
-    """One question through llama.cpp, from the same prompt ids and pixels as transformers; the new ids
-    (end tokens excluded). `on_token` sees the ids so far after each step; True stops."""
+    """One encoded question (`encode_prompt`: the same prompt ids and pixels as transformers) through
+    llama.cpp; the new ids (end tokens excluded). `on_token` sees the ids so far after each step; True stops."""
     tok = lm.processor.tokenizer
-    enc = lm.processor(text=build_prompt(lm.processor, question), images=image, return_tensors="pt")
-    return lm.model.answer_ids(enc["input_ids"][0].tolist(), enc.get("pixel_values"), max_new_tokens,
+    return lm.model.answer_ids(encoded["input_ids"][0].tolist(), encoded.get("pixel_values"), max_new_tokens,
                                {tok.eos_token_id, tok.pad_token_id}, min_new_tokens=min_new_tokens,
                                temperature=temperature, on_token=on_token)
 
@@ -81,7 +85,7 @@ def _llamacpp_batch(lm, images: Sequence, questions: Sequence[str], max_new_toke
     """One question at a time (llama.cpp decodes one sequence here)."""
     answers = []
     for image, question in zip(images, questions):
-        new = _llamacpp_stream(lm, image, question, max_new_tokens)
+        new = _llamacpp_stream(lm, encode_prompt(lm, image, question), max_new_tokens)
         text = lm.processor.tokenizer.decode(new, skip_special_tokens=True).strip()
         answers.append(GeneratedAnswer(text=text, new_tokens=len(new)))
     return answers
@@ -122,7 +126,7 @@ def _llamacpp_timed(lm, images, questions, max_new_tokens: int) -> tuple[float, 
     ttft, decoded, decoding = None, 0, 0.0
     for image, question in zip(images, questions):
         clock = _TokenClock()
-        _llamacpp_stream(lm, image, question, max_new_tokens, on_token=lambda ids: clock.put(),
+        _llamacpp_stream(lm, encode_prompt(lm, image, question), max_new_tokens, on_token=lambda ids: clock.put(),
                          min_new_tokens=max_new_tokens)
         ttft = clock.times[0] - start if ttft is None else ttft
         decoded += len(clock.times) - 1
@@ -134,7 +138,7 @@ def _llamacpp_timed(lm, images, questions, max_new_tokens: int) -> tuple[float, 
 class Engine:
     """How one inference engine answers a batch, and times one (ttft_s, decode_tokens_per_s, latency_s)
     generating exactly max_new_tokens per answer. `stream` (engines that decode one sequence at a time)
-    answers one question, reporting each step: `serve` streams through it; without it, serve batches
+    answers one question encoded by `encode_prompt`, reporting each step: `serve` streams through it; without it, serve batches
     through `model.generate`."""
 
     answer_batch: Callable[..., list[GeneratedAnswer]]

@@ -15,6 +15,7 @@ see tokenizer ids either way.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -264,7 +265,8 @@ class LlamaCppModel:
             self.model = None
 
     def __del__(self):
-        self.close()
+        if not sys.is_finalizing():  # at interpreter exit the bindings may be gone; the OS frees the memory
+            self.close()
 
 
 _LOG_CALLBACK = []  # keeps the ctypes callback alive for as long as llama.cpp may call it

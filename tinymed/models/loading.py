@@ -18,6 +18,7 @@ class LoadedModel:
     name: str
     quant: str = "none"
     engine: str = "transformers"  # a key of tinymed.models.generate.ENGINES
+    linear_kernel: str = "aten"  # what computes the fp32 CPU linear layers (tinymed.models.kernels)
 
     @property
     def tokenizer(self):

@@ -30,6 +30,7 @@ class TinyConfig(BaseModel):
     vision_layers: int = Field(2, description="SigLIP depth")
     text_hidden: int = 128
     text_layers: int = 2
+    text_mlp_ratio: int = Field(2, description="LM MLP width ÷ text_hidden")
     heads: int = 4
     vocab_size: int = 2000
     max_positions: int = 512
@@ -54,7 +55,7 @@ def build_tiny_model(texts: Iterable[str], config: TinyConfig = TinyConfig()):
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.text_hidden,
-        intermediate_size=config.text_hidden * 2,
+        intermediate_size=config.text_hidden * config.text_mlp_ratio,
         num_hidden_layers=config.text_layers,
         num_attention_heads=config.heads,
         num_key_value_heads=config.heads,

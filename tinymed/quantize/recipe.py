@@ -94,12 +94,39 @@ def quantize_model(path: str | Path, config: QuantConfig, out_dir: str | Path, d
 
 
 def load_for_inference(
-    path_or_id: str | Path, device: str = "auto", quant: str | QuantConfig | None = None
+    path_or_id: str | Path, device: str = "auto", quant: str | QuantConfig | None = None,
+    linear_kernel: str = "aten",
 ) -> LoadedModel:
     """Load a plain checkpoint, a tinymed-quantized folder (its recipe decides), or a plain checkpoint
     quantized on the fly with `quant` (a method name, or a full QuantConfig). `LoadedModel.quant` names
-    the method ('none' if none)."""
-    path_or_id = resolve_model(path_or_id)
+    the method ('none' if none). `linear_kernel` computes the fp32 CPU linear layers left (aten, onednn, or
+    auto: onednn where it applies — transformers on the CPU — else aten; `tinymed.models.kernels`)."""
+    from tinymed.models.kernels import LINEAR_KERNELS, use_linear_kernel  # imports torch
+
+    if linear_kernel not in (*LINEAR_KERNELS, "auto"):
+        raise ValueError(f"unknown linear kernel {linear_kernel!r}; use auto, {', '.join(LINEAR_KERNELS)}")
+    lm = _load(resolve_model(path_or_id), device, quant)
+    kernel = resolve_linear_kernel(linear_kernel, lm)
+    use_linear_kernel(lm.model, kernel)
+    lm.linear_kernel = kernel
+    return lm
+
+
+def resolve_linear_kernel(kernel: str, lm: LoadedModel) -> str:
+    """'auto' → 'onednn' for a transformers model on the CPU (where this PyTorch has it), else 'aten';
+    'onednn' anywhere else is a clear error."""
+    from tinymed.models.kernels import onednn_available
+
+    applies = lm.engine == "transformers" and lm.device == "cpu"
+    if kernel == "auto":
+        return "onednn" if applies and onednn_available() else "aten"
+    if kernel == "onednn" and not applies:
+        raise ValueError(f"the oneDNN linear kernel is for transformers models on the CPU, not {lm.engine} on "
+                         f"{lm.device}; use --cpu-linear aten")
+    return kernel
+
+
+def _load(path_or_id: str, device: str, quant: str | QuantConfig | None) -> LoadedModel:
     if isinstance(quant, str):
         quant = None if quant in NO_QUANT else QuantConfig(method=quant)
     if is_edge_folder(path_or_id):

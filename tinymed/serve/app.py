@@ -65,11 +65,12 @@ class ServeConfig(BaseModel):
     audit_questions: bool = Field(False, description="store question text in the audit log")
 
 
-def load_served_model(model: str, device: str = "auto", quant: str | None = None):
-    """Load a plain or quantized checkpoint the way evaluation does."""
+def load_served_model(model: str, device: str = "auto", quant: str | None = None, linear_kernel: str = "auto"):
+    """Load a plain or quantized checkpoint the way evaluation does; by default the fp32 CPU linear layers
+    run on oneDNN (`tinymed.models.kernels`: 1.4-1.6× the decode speed here)."""
     from tinymed.quantize import load_for_inference
 
-    return load_for_inference(model, device=device, quant=quant)
+    return load_for_inference(model, device=device, quant=quant, linear_kernel=linear_kernel)
 
 
 def _validation_error(exc: ValidationError | RequestValidationError) -> ApiError:
@@ -186,7 +187,7 @@ def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
         ready = batcher.alive
         body = {
             "status": "ready" if ready else "not ready", "model": model_name, "quant": lm.quant, "device": lm.device,
-            "memory": memory_in_use(lm.device), "queue": {"waiting": batcher.pending, "running": batcher.in_flight,
+            "linear_kernel": lm.linear_kernel, "memory": memory_in_use(lm.device), "queue": {"waiting": batcher.pending, "running": batcher.in_flight,
                                                          "max_waiting": config.batch.max_queue,
                                                          "max_batch": config.batch.max_batch},
             "auth_required": bool(config.api_key),

@@ -12,8 +12,7 @@ from collections.abc import Callable
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from tinymed.models.generate import ENGINES
-from tinymed.models.template import build_prompt
+from tinymed.models.generate import ENGINES, encode_prompt
 from tinymed.serve.batching import Delta, Failed, Finished, Job, Started
 
 
@@ -87,8 +86,7 @@ class Engine:
 
     def prompt_tokens(self, image, question: str) -> int:
         """Tokens of the prompt for one image and question (image tokens included)."""
-        prompt = build_prompt(self.lm.processor, question)
-        return int(self.lm.processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"].shape[1])
+        return int(encode_prompt(self.lm, image, question)["input_ids"].shape[1])
 
     def answer_room(self, image) -> int | None:
         """The most tokens an answer can have: the context less the shortest prompt (a one-character
@@ -149,10 +147,10 @@ class Engine:
                 tokens, ended = self._split(generated)
                 row.finish(self._decode(tokens).strip(), "stop" if ended else "length", len(tokens))
 
-
     def _run_one(self, job: Job) -> None:
         """One job through the engine's `stream`: the row looks at the new ids after every step."""
-        row = _Row(job, self.prompt_tokens(job.image, job.question))
+        encoded = encode_prompt(self.lm, job.image, job.question)  # once: its ids are the prompt's length too
+        row = _Row(job, int(encoded["input_ids"].shape[1]))
         self._admit([row])
         if row.done:
             return
@@ -161,8 +159,7 @@ class Engine:
             row.update(*self._split(ids), self._decode)
             return row.done
 
-        new = self.stream(self.lm, job.image, job.question, job.max_tokens, job.temperature, step,
-                          min_new_tokens=job.min_tokens)
+        new = self.stream(self.lm, encoded, job.max_tokens, job.temperature, step, min_new_tokens=job.min_tokens)
         if not row.done:
             row.finish(self._decode(new).strip(), "stop" if len(new) < job.max_tokens else "length", len(new))
 
