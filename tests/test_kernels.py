@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import save_tiny_model
 from tinymed.models import generate_answers
-from tinymed.models.kernels import OneDnnLinear, use_linear_kernel
+from tinymed.models.kernels import SWAP_MIN_OUT, OneDnnLinear, use_linear_kernel
 from tinymed.quantize import load_for_inference
 from tinymed.serve.app import ServeConfig, create_app
 from tinymed.serve.background import BackgroundServer
@@ -41,6 +41,14 @@ def test_onednn_layer_computes_what_linear_computes(bias, shape):
     fast = OneDnnLinear(linear)
     assert fast.weight is linear.weight and fast.bias is linear.bias
     torch.testing.assert_close(fast(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 16, 17])
+def test_vocabulary_wide_layer_gives_the_same_rows_whichever_way_it_multiplies(rows):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, SWAP_MIN_OUT, bias=True)  # as wide as a vocabulary: few rows go through swapped
+    x = torch.randn(rows, 3, 24)[:, -1:, :]  # strided, like the last position of a prompt batch
+    torch.testing.assert_close(OneDnnLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
 def test_only_plain_fp32_cpu_linears_are_routed():

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from tinymed.cli.options import cpu_linear_option
 from tinymed.evaluate.image_controls import ImageControl
 
 
@@ -29,7 +30,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
         limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N questions (quick look)."),
         device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-        cpu_linear: str = typer.Option("aten", "--cpu-linear", help="Kernel of the fp32 CPU linear layers: aten (PyTorch's default), onednn (what `tinymed serve` uses by default) or auto."),
+        cpu_linear: str = cpu_linear_option("aten"),
         skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip malformed dataset rows (counted)."),
         fresh: bool = typer.Option(False, "--fresh", help="Ignore predictions an interrupted run left in --out."),
         image_control: ImageControl = typer.Option(

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tinymed.cli.options import cpu_linear_option
+
 
 def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.2f} MiB"
@@ -70,7 +72,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="Checkpoint folder (plain or quantized) or Hub id."),
         quant: str | None = typer.Option(None, "--quant", help="Quantize a plain checkpoint on load with this method."),
         device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-        cpu_linear: str = typer.Option("aten", "--cpu-linear", help="Kernel of the fp32 CPU linear layers: aten (PyTorch's default), onednn (what `tinymed serve` uses by default) or auto."),
+        cpu_linear: str = cpu_linear_option("aten"),
         out: Path | None = typer.Option(None, "--out", help="Folder for profile.json."),
         questions: Path | None = typer.Option(None, "--questions", help="Conversation-format file (default: built-in set of 8)."),
         batch_size: int = typer.Option(8, "--batch-size", min=1, help="Evaluation batch size (second speed figure)."),

@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from tinymed.cli.options import cpu_linear_option
+
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
@@ -16,13 +18,13 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="Checkpoint folder (plain or quantized) or Hub id."),
         quant: str | None = typer.Option(None, "--quant", help="Quantize on load with this method (see `tinymed quantize --help`)."),
         device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-        cpu_linear: str = typer.Option("auto", "--cpu-linear", help="Kernel of the fp32 CPU linear layers: onednn (faster here), aten (PyTorch's default) or auto (onednn where it applies)."),
+        cpu_linear: str = cpu_linear_option("auto"),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs an API key."),
         port: int = typer.Option(8000, "--port", min=1, max=65535),
         api_key: str | None = typer.Option(None, "--api-key", envvar="TINYMED_API_KEY", help="Required as `Authorization: Bearer` on API calls."),
         model_name: str | None = typer.Option(None, "--model-name", help="Name clients ask for (default: the model folder's name)."),
         max_batch: int = typer.Option(8, "--max-batch", min=1, help="Requests generated together at most (1: batching off)."),
-        batch_wait_ms: float = typer.Option(50.0, "--batch-wait-ms", min=0, help="Longest a request waits for companions, ms (at most 5% of recent batches' run time)."),
+        batch_wait_ms: float = typer.Option(250.0, "--batch-wait-ms", min=0, help="Longest a request waits for companions, ms (at most 5% of recent batches' run time)."),
         max_queue: int = typer.Option(64, "--max-queue", min=1, help="Waiting requests at most; more get 503 + Retry-After."),
         max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
         timeout: float = typer.Option(120.0, "--timeout", min=1, help="Per-request limit (queue + generation), seconds."),

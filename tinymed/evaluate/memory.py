@@ -26,6 +26,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from tinymed.io import write_json_atomic
+from tinymed.models.loading import LinearKernelChoice
 
 QUESTIONS = [
     "Is there a lesion in the left lung?",
@@ -44,7 +45,7 @@ class ProfileConfig(BaseModel):
     model: str = Field(description="checkpoint folder (plain or tinymed-quantized) or Hub id")
     quant: str | None = Field(None, description="quantize a plain checkpoint on load with this method")
     device: str = "auto"
-    linear_kernel: str = Field("aten", description="fp32 CPU linear kernel: aten, onednn or auto (tinymed.models.kernels)")
+    linear_kernel: LinearKernelChoice = Field("aten", description="fp32 CPU linear kernel: aten, onednn or auto (tinymed.models.kernels)")
     out_dir: Path | None = Field(None, description="where profile.json goes (None = not written)")
     questions: Path | None = Field(None, description="conversation-format file; None = the built-in set")
     n_questions: int = Field(8, ge=1)

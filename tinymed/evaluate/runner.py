@@ -30,6 +30,7 @@ from tinymed.data.registry import load_dataset
 from tinymed.evaluate.image_controls import ImageControl, ImagePlan
 from tinymed.evaluate.metrics import score_predictions
 from tinymed.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
+from tinymed.models.loading import LinearKernelChoice
 from tinymed.models.zoo import resolve_model
 
 PREDICTIONS = "predictions.jsonl"
@@ -52,7 +53,7 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = Field(32, ge=1)
     limit: int | None = Field(None, ge=1)
     device: str = "auto"
-    linear_kernel: str = Field("aten", description="fp32 CPU linear kernel: aten, onednn or auto (tinymed.models.kernels)")
+    linear_kernel: LinearKernelChoice = Field("aten", description="fp32 CPU linear kernel: aten, onednn or auto (tinymed.models.kernels)")
     skip_invalid: bool = False
     resume: bool = True
     image_control: ImageControl = Field("none", description="none (own image), shuffled (another case's) or blank")

@@ -28,8 +28,10 @@ def prepare_inputs(lm, images: Sequence, questions: Sequence[str]) -> dict:
     }
 
 
-def generation_kwargs(lm, max_new_tokens: int, temperature: float = 0.0) -> dict:
-    """Greedy when temperature is 0, sampling otherwise; stops at the tokenizer's EOS."""
+def generation_kwargs(lm, max_new_tokens: int, temperature: float = 0.0, min_new_tokens: int = 0,
+                      prompt_len: int = 0) -> dict:
+    """Greedy when temperature is 0, sampling otherwise; stops at the tokenizer's EOS, not before
+    `min_new_tokens` new tokens (`prompt_len`: the padded prompt's length in tokens)."""
     tok = lm.processor.tokenizer
     kwargs = {
         "max_new_tokens": max_new_tokens,
@@ -41,7 +43,28 @@ def generation_kwargs(lm, max_new_tokens: int, temperature: float = 0.0) -> dict
         kwargs.update(do_sample=True, temperature=temperature, top_p=1.0)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if min_new_tokens > 0:
+        from transformers import LogitsProcessorList
+
+        end_ids = sorted({tok.eos_token_id, tok.pad_token_id} - {None})
+        kwargs["logits_processor"] = LogitsProcessorList([_NoEndBefore(prompt_len + min_new_tokens, end_ids)])
     return kwargs
+
+
+class _NoEndBefore:
+    """A logits processor: the end ids (EOS and padding) score -inf until the sequence is `length` tokens
+    long. transformers' own `min_new_tokens` clones the whole [batch, vocabulary] scores and rebuilds an
+    end-id mask at every step, even after it stops applying: ≈8 ms of a 150 ms batch-8 decode step with
+    Gemma-3's 262,144-token vocabulary (measured 2026-12-03). This one writes a few scores in place, and
+    only while it applies (generate hands processors a fresh float32 copy of the logits)."""
+
+    def __init__(self, length: int, end_ids: list[int]):
+        self.length, self.end_ids = length, end_ids
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[-1] < self.length:
+            scores[:, self.end_ids] = float("-inf")
+        return scores
 
 
 def generate_batch(lm, images: Sequence, questions: Sequence[str], max_new_tokens: int = 32) -> list[GeneratedAnswer]:
@@ -110,7 +133,8 @@ def _transformers_timed(lm, images, questions, max_new_tokens: int) -> tuple[flo
     clock = _TokenClock()
     start = time.perf_counter()
     inputs = prepare_inputs(lm, images, questions)
-    kwargs = {**generation_kwargs(lm, max_new_tokens), "min_new_tokens": max_new_tokens}
+    kwargs = generation_kwargs(lm, max_new_tokens, min_new_tokens=max_new_tokens,
+                               prompt_len=inputs["input_ids"].shape[1])
     with torch.no_grad():  # not inference_mode: some quantized tensor types cannot be used under it
         lm.model.generate(**inputs, **kwargs, streamer=clock)
     latency = time.perf_counter() - start

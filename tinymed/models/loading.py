@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tinymed.models.zoo import resolve_model
+
+
+# What computes the fp32 CPU linear layers (tinymed.models.kernels); auto: onednn where it applies.
+LinearKernelChoice = Literal["aten", "onednn", "auto"]
 
 
 @dataclass

@@ -7,9 +7,10 @@ which generates for all of them together and streams every row's tokens back as 
 and non-streaming requests share batches (streaming is per row, not per batch). A batch, once started,
 runs to its end: requests that arrive meanwhile wait for the next batch (no continuous batching), which
 is why the wait matters: clients whose answers came out together send their next requests a few
-milliseconds apart, and a batch that starts before they are in runs a fragment (measured 2026-12-04 on the
-real 270M model, 8 clients: at 5 ms, batches of 1, 7, 1, 8, 3, 5, 3, 4 and 39 s for 32 requests; at 50 ms,
-four batches of 8 after the first and 24 s).
+to a few hundred milliseconds apart (their JSON bodies and images are parsed one after another), and a
+batch that starts before they are in runs a fragment (measured 2026-12-04 on the real 270M model, 8
+clients, 32 requests: at 5 ms, batches of 1, 7, 1, 8, 3, 5, 3, 4 in 39 s; at 50 ms, 8, 8, 8, 8 in one run
+and 7, 4, 8, 8, 5 in another; at 250 ms, capped at 5% of this model's 5-6 s batches, 8, 8, 8, 8).
 A full queue refuses new jobs (`QueueFull` → HTTP 503 with Retry-After) instead of growing. The server
 takes its place in the queue (`Batcher.place`) before it decodes the image, so a full queue is refused
 before anything is allocated; a job whose client left or whose time ran out leaves the queue at once
@@ -32,7 +33,7 @@ class BatchConfig(BaseModel):
     """How requests are grouped; `max_batch=1` turns batching off."""
 
     max_batch: int = Field(8, ge=1, description="requests generated together at most")
-    batch_wait_ms: float = Field(50.0, ge=0, description="longest the first request waits for companions, ms")
+    batch_wait_ms: float = Field(250.0, ge=0, description="longest the first request waits for companions, ms")
     wait_share: float = Field(0.05, ge=0, le=1, description="and at most this share of the longest of the last "
                               "8 batches' run time (the first batch: batch_wait_ms)")
     max_queue: int = Field(64, ge=1, description="waiting requests at most; beyond it new ones get 503")

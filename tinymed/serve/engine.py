@@ -137,8 +137,8 @@ class Engine:
         live = [r for r in rows if not r.done]
         if not live:
             return
-        kwargs = generation_kwargs(self.lm, max(r.job.max_tokens for r in live), live[0].job.temperature)
-        kwargs["min_new_tokens"] = live[0].job.min_tokens  # equal in a batch (Job.batch_key)
+        kwargs = generation_kwargs(self.lm, max(r.job.max_tokens for r in live), live[0].job.temperature,
+                                   live[0].job.min_tokens, prompt_len)  # min_tokens: equal in a batch (Job.batch_key)
         stopper = StoppingCriteriaList([_RowStopper(self, rows, prompt_len)])
         with torch.inference_mode():
             out = self.lm.model.generate(**inputs, **kwargs, stopping_criteria=stopper)
