@@ -46,6 +46,8 @@ LEVERS: dict[str, tuple[TinyConfig, bool]] = {  # name → (model, whether the i
     "vit-frozen-image-last-mlp4x": (TinyConfig(image_after_question=True, text_mlp_ratio=4), False),
     "vit-frozen-image-last-mlp8x": (TinyConfig(image_after_question=True, text_mlp_ratio=8), False),
     "vit-frozen-image-last-heads8": (TinyConfig(image_after_question=True, heads=8), False),
+    "vit-frozen-image-last-heads8-128": (
+        TinyConfig(image_after_question=True, heads=8, image_size=128, patch_size=32), False),
     "vit-trained-lm4": (TinyConfig(text_layers=4), True),
     "vit-trained-lm256": (TinyConfig(text_hidden=256), True),
     "lite0-96": (TinyConfig(vision="efficientnet-lite0", image_size=96), False),

@@ -7,14 +7,15 @@ p50/p95 latency for each, and the throughput ratio.
 
     .venv/bin/python bench/serve_throughput.py [--model NAME_OR_DIR] [--quant METHOD] [--clients 16]
         [--requests 4] [--max-tokens 16] [--min-tokens 0] [--max-batch 8] [--prompts describe] [--images DIR]
-        [--cpu-linear aten,onednn]
+        [--cpu-linear aten,onednn] [--rounds 3]
 
 Without --model it uses a tiny random-init LLaVA (the `tiny` preset). `--prompts describe` asks for
 descriptions instead of short VQA questions; `--images DIR` sends that folder's JPEG/PNG files (in name
 order, cycled) instead of generated colour squares. An edge folder (`tinymed export gguf`) is served
 through llama.cpp, which answers one request at a time: its two modes differ only in queueing.
 `--cpu-linear aten,onednn` measures both modes with each kernel for the fp32 CPU linear layers
-(`tinymed serve --cpu-linear`; default auto, what the server uses).
+(`tinymed serve --cpu-linear`; default auto, what the server uses). `--rounds 3` alternates the two modes
+three times and reports each mode's median round.
 """
 
 from __future__ import annotations
@@ -129,21 +130,30 @@ def main() -> None:
     parser.add_argument("--prompts", choices=sorted(PROMPTS), default="vqa")
     parser.add_argument("--images", help="folder of JPEG/PNG images to send (default: generated squares)")
     parser.add_argument("--cpu-linear", default="auto", help="comma-separated kernels to measure: aten, onednn, auto")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure the two modes alternately this many times; the table shows each mode's "
+                             "median round (a VM whose speed drifts between modes biases one round's ratio)")
     args = parser.parse_args()
 
     model = _model_dir(args)
     console = Console()
     ratios = []
+    modes = {f"batched (max {args.max_batch})": args.max_batch, "unbatched": 1}
     for kernel in args.cpu_linear.split(","):
         lm = load_served_model(model, device=args.device, quant=args.quant, linear_kernel=kernel)
-        runs = {f"batched (max {args.max_batch})": _measure(lm, args, args.max_batch),
-                "unbatched": _measure(lm, args, 1)}
+        rounds = {mode: [] for mode in modes}
+        for _ in range(args.rounds):
+            for mode, max_batch in modes.items():
+                rounds[mode].append(_measure(lm, args, max_batch))
+        runs = {mode: sorted(done, key=lambda run: run["seconds"])[(len(done) - 1) // 2] for mode, done in rounds.items()}
         _print_table(console, lm, args, runs)
-        batched, unbatched = runs.values()
-        ratios.append((lm.linear_kernel, unbatched["seconds"] / batched["seconds"]))
+        batched, unbatched = (rounds[mode] for mode in modes)
+        each = [u["seconds"] / b["seconds"] for b, u in zip(batched, unbatched)]
+        ratios.append((lm.linear_kernel, runs["unbatched"]["seconds"] / runs[next(iter(modes))]["seconds"], each))
         del lm
-    for kernel, ratio in ratios:
-        console.print(f"throughput ratio (batched / unbatched), linear kernel {kernel}: {ratio:.2f}×")
+    for kernel, ratio, each in ratios:
+        console.print(f"throughput ratio (batched / unbatched), linear kernel {kernel}: {ratio:.2f}× "
+                      f"(medians; each round: {', '.join(f'{r:.2f}×' for r in each)})")
 
 
 def _print_table(console: Console, lm, args, runs: dict) -> None:
