@@ -7,7 +7,8 @@ the tower (random SigLIP-style ViT frozen as before, the same ViT trained, Image
 frozen), input resolution and image-token count, the LM's depth and width, the prompt order (question
 before the image), and (`--n-train`, `--emphasis`) how many training questions the generator writes and
 which kinds it asks more often (the test split depends on neither); `--epochs`, `--batch-size`, `--lr`,
-`--loss-average` set the instruct stage, `--seed` the initialisation and data order. Left unset, they are
+`--loss-average` set the instruct stage, `--seed` the initialisation and data order, `--tower-cache-mb`
+whether a frozen tower's outputs are kept per image (what makes the Lite0 levers affordable). Left unset, they are
 the demo's (`tinymed.train.DEMO_DATA`, `demo_stages()`).
 
     .venv/bin/python bench/demo_levers.py --levers vit-frozen,vit-trained,lite0-128 --epochs 3
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--emphasis", default="", help="train-split kind weights, e.g. organ_yesno=3,plane_yesno=3 "
                                                            "(SynthConfig.train_emphasis; the test split is unchanged)")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
+    parser.add_argument("--tower-cache-mb", type=int, default=0,
+                        help="keep a frozen tower's outputs per image (FinetuneConfig.tower_cache_mb; the demo: 0)")
     parser.add_argument("--eval-limit", type=int, default=None, help="score only the first N test questions")
     parser.add_argument("--out", type=Path, default=None, help="keep runs here (default: a temporary folder)")
     args = parser.parse_args()
@@ -106,7 +109,8 @@ def main() -> None:
         start = time.perf_counter()
         trained = finetune(FinetuneConfig(datasets=[DatasetSpec(name="synthetic", path=data)],
                                           tiny=tiny.model_copy(update={"seed": args.seed}), seed=args.seed,
-                                          stages=stages(train_vision), out_dir=out / name), progress=False)
+                                          stages=stages(train_vision), out_dir=out / name,
+                                          tower_cache_mb=args.tower_cache_mb), progress=False)
         seconds = time.perf_counter() - start
         result = evaluate(EvalConfig(model=str(trained.model_dir), dataset="synthetic", path=data, out_dir=out / name / "eval",
                                      batch_size=16, max_new_tokens=24, limit=args.eval_limit, device="cpu"))

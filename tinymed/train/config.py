@@ -70,6 +70,8 @@ class FinetuneConfig(BaseModel):
     group_by_length: bool = Field(False, description="batches of similar length (less padding; see EpochSampler)")
     cache_mb: int = Field(2048, ge=0, description="MiB of decoded pixel values kept in memory across epochs "
                                                   "(per DataLoader worker; 0 = decode every image every epoch)")
+    tower_cache_mb: int = Field(0, ge=0, description="MiB of a frozen vision tower's outputs kept across a stage "
+                                                     "(each image through the tower once; 0 = off, every batch)")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from tinymed.train.checkpoint import TrainState, latest_checkpoint, read_state, 
 from tinymed.train.config import FinetuneConfig, FinetuneResult, StageConfig
 from tinymed.train.data import Collator, EpochSampler, VQATrainDataset, load_training_samples, preset_texts
 from tinymed.train.stages import configure_stage, is_peft, merged, save_adapter, save_base
+from tinymed.train.tower_cache import cached_tower
 
 MAX_GRAD_NORM = 1.0
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
@@ -141,6 +142,7 @@ def _run_stage(run: Run, index: int, stage: StageConfig, model):
     acc.gradient_accumulation_steps = stage.grad_accum
     if stage.lora and not resuming and index > 0 and config.keep_adapter and acc.is_main_process:
         write_folder_atomic(run.out / "base", lambda tmp: save_base(model, run.processor, tmp))
+    tower = model.model.vision_tower  # the same module object inside a LoRA (peft) wrapper
     model = configure_stage(model, stage)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
@@ -162,8 +164,9 @@ def _run_stage(run: Run, index: int, stage: StageConfig, model):
         _reset_window(run)
     task = run.progress.add_task(stage.name, total=total, completed=state.stage_step, loss=float("nan"), sps=0.0) \
         if run.progress else None
-    while state.stage_step < total:
-        _run_epoch(run, index, stage, total, (model, optimizer, loader, scheduler, sampler), task)
+    with cached_tower(tower, 0 if stage.train_vision else config.tower_cache_mb << 20):
+        while state.stage_step < total:
+            _run_epoch(run, index, stage, total, (model, optimizer, loader, scheduler, sampler), task)
     if latest_checkpoint(run.out / "checkpoints") != run.out / "checkpoints" / f"step-{state.global_step:06d}":
         _checkpoint(run)
     model = acc.unwrap_model(model)
