@@ -112,6 +112,11 @@ def _measure(lm, args, max_batch: int) -> dict:
         return _run_clients(server.url, args)
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median wall time (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda run: run["seconds"])[(len(runs) - 1) // 2]
+
+
 def _percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
@@ -145,11 +150,11 @@ def main() -> None:
         for _ in range(args.rounds):
             for mode, max_batch in modes.items():
                 rounds[mode].append(_measure(lm, args, max_batch))
-        runs = {mode: sorted(done, key=lambda run: run["seconds"])[(len(done) - 1) // 2] for mode, done in rounds.items()}
+        runs = {mode: _median_run(done) for mode, done in rounds.items()}
         _print_table(console, lm, args, runs)
-        batched, unbatched = (rounds[mode] for mode in modes)
-        each = [u["seconds"] / b["seconds"] for b, u in zip(batched, unbatched)]
-        ratios.append((lm.linear_kernel, runs["unbatched"]["seconds"] / runs[next(iter(modes))]["seconds"], each))
+        batched, unbatched = runs.values()
+        each = [u["seconds"] / b["seconds"] for b, u in zip(*rounds.values())]
+        ratios.append((lm.linear_kernel, unbatched["seconds"] / batched["seconds"], each))
         del lm
     for kernel, ratio, each in ratios:
         console.print(f"throughput ratio (batched / unbatched), linear kernel {kernel}: {ratio:.2f}× "

@@ -8,6 +8,9 @@ import typer
 from rich.console import Console
 
 from tinymed.cli.options import cpu_linear_option
+from tinymed.serve.batching import BatchConfig  # light: pydantic and the standard library only
+
+_BATCH = BatchConfig()  # the defaults the options below show
 
 
 def register(app: typer.Typer) -> None:
@@ -23,9 +26,9 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(8000, "--port", min=1, max=65535),
         api_key: str | None = typer.Option(None, "--api-key", envvar="TINYMED_API_KEY", help="Required as `Authorization: Bearer` on API calls."),
         model_name: str | None = typer.Option(None, "--model-name", help="Name clients ask for (default: the model folder's name)."),
-        max_batch: int = typer.Option(8, "--max-batch", min=1, help="Requests generated together at most (1: batching off)."),
-        batch_wait_ms: float = typer.Option(250.0, "--batch-wait-ms", min=0, help="Longest a request waits for companions, ms (at most 5% of recent batches' run time)."),
-        max_queue: int = typer.Option(64, "--max-queue", min=1, help="Waiting requests at most; more get 503 + Retry-After."),
+        max_batch: int = typer.Option(_BATCH.max_batch, "--max-batch", min=1, help="Requests generated together at most (1: batching off)."),
+        batch_wait_ms: float = typer.Option(_BATCH.batch_wait_ms, "--batch-wait-ms", min=0, help="Longest a request waits for companions, ms (at most 5% of recent batches' run time)."),
+        max_queue: int = typer.Option(_BATCH.max_queue, "--max-queue", min=1, help="Waiting requests at most; more get 503 + Retry-After."),
         max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Largest max_tokens a request may ask for."),
         timeout: float = typer.Option(120.0, "--timeout", min=1, help="Per-request limit (queue + generation), seconds."),
         audit_db: Path | None = typer.Option(None, "--audit-db", help="SQLite audit log (time, request id, model, latency, tokens; never images)."),
@@ -34,7 +37,6 @@ def register(app: typer.Typer) -> None:
         """Serve a model: a web page for clinicians at / and the OpenAI chat-completions API at /v1."""
         from tinymed.serve.app import ServeConfig, load_served_model
         from tinymed.serve.app import serve as run_server
-        from tinymed.serve.batching import BatchConfig
         from tinymed.serve.security import UnsafeBindError, check_bind
 
         err = Console(stderr=True)
