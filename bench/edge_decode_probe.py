@@ -1,5 +1,7 @@
 """Where a llama.cpp decode step's time goes, per edge folder: llama.cpp's own eval time vs our Python loop,
-with 1 and 2 threads, beside the bandwidth floor (GGUF bytes ÷ measured read bandwidth).
+with 1 and 2 threads, beside the bandwidth floor (GGUF bytes ÷ read bandwidth measured just before and
+just after each round: this VM's bandwidth moves 20-30% within a minute, so a floor from a figure taken
+minutes apart can land on either side of the truth).
 
 For each folder and thread count: prefill a fixed text prompt, then greedy-decode `--tokens` tokens through
 `LlamaCppModel.answer_ids` (what evaluate/profile/serve run) with the end of answer held back. Wall time per
@@ -12,6 +14,7 @@ Python per-token work (logits view, argmax, batch set-up).
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -25,6 +28,10 @@ PROMPT = "USER: Describe the findings of this chest radiograph in detail. ASSIST
 
 
 def _probe(folder: Path, threads: int, tokens: int, repeats: int) -> dict:
+    """Medians over `repeats` rounds of: read bandwidth, `tokens` greedy decode steps, read bandwidth again.
+
+    Each round's floor uses the mean of the two bandwidth figures taken around it, so the floor and the
+    decode time share the VM's state of that moment (its bandwidth moves 20-30% within a minute here)."""
     model = LlamaCppModel(folder, n_threads=threads)
     lib = model.lib
     raw = PROMPT.encode()
@@ -42,19 +49,25 @@ def _probe(folder: Path, threads: int, tokens: int, repeats: int) -> dict:
         inside.append(time.perf_counter() - start)
 
     model._decode = timed
-    best_wall, best_eval = float("inf"), float("inf")
+    gguf_bytes = (folder / model.manifest["gguf"]).stat().st_size
+    model.answer_ids(prompt, None, max_new_tokens=tokens, stop_ids=stops, min_new_tokens=tokens)  # warm-up
+    rounds = []
     for _ in range(repeats):
+        before = memory_bandwidth()
         inside.clear()
         start = time.perf_counter()
         new = model.answer_ids(prompt, None, max_new_tokens=tokens, stop_ids=stops, min_new_tokens=tokens)
-        wall = time.perf_counter() - start - inside[0]  # without the prefill call
-        steps = inside[1:]
-        best_wall = min(best_wall, wall / len(steps))
-        best_eval = min(best_eval, sum(steps) / len(steps))
+        wall = (time.perf_counter() - start - inside[0]) / (len(inside) - 1)  # per step, without the prefill
+        bandwidth = (before + memory_bandwidth()) / 2
         assert len(new) == tokens
-    gguf_bytes = (folder / model.manifest["gguf"]).stat().st_size
+        rounds.append({"wall_ms": wall * 1e3, "llama_ms": statistics.fmean(inside[1:]) * 1e3,
+                       "bandwidth": bandwidth, "floor_ms": gguf_bytes / bandwidth * 1e3})
     model.close()
-    return {"wall_ms": best_wall * 1e3, "llama_ms": best_eval * 1e3, "gguf_bytes": gguf_bytes}
+    result = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    result["wall_per_floor"] = statistics.median(r["wall_ms"] / r["floor_ms"] for r in rounds)
+    result["wall_per_floor_range"] = (min(r["wall_ms"] / r["floor_ms"] for r in rounds),
+                                      max(r["wall_ms"] / r["floor_ms"] for r in rounds))
+    return result
 
 
 def main() -> None:
@@ -62,19 +75,20 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", type=Path, help="edge folders (tinymed export gguf)")
     parser.add_argument("--threads", default="1,2", help="comma-separated llama.cpp thread counts")
     parser.add_argument("--tokens", type=int, default=32, help="tokens decoded per measurement")
-    parser.add_argument("--repeats", type=int, default=3, help="measurements per cell (the best is kept)")
+    parser.add_argument("--repeats", type=int, default=7, help="rounds per cell (medians are shown)")
     args = parser.parse_args()
-    bandwidth = memory_bandwidth()
-    table = Table(title=f"llama.cpp decode step, best of {args.repeats} × {args.tokens} tokens; "
-                        f"read bandwidth {bandwidth / 1e9:.1f} GB/s (2 threads)")
-    for column in ("folder", "threads", "ms/token (wall)", "in llama_decode ms", "Python ms", "floor ms", "wall/floor"):
+    table = Table(title=f"llama.cpp decode step: medians of {args.repeats} rounds of {args.tokens} tokens, each "
+                        "between two read-bandwidth measurements (2 threads, 1 GiB)")
+    for column in ("folder", "threads", "ms/token (wall)", "in llama_decode ms", "Python ms", "GB/s", "floor ms",
+                   "wall/floor (range)"):
         table.add_column(column, justify="right")
     for folder in args.folders:
         for threads in (int(t) for t in args.threads.split(",")):
             r = _probe(folder, threads, args.tokens, args.repeats)
-            floor = r["gguf_bytes"] / bandwidth * 1e3
+            low, high = r["wall_per_floor_range"]
             table.add_row(str(folder), str(threads), f"{r['wall_ms']:.2f}", f"{r['llama_ms']:.2f}",
-                          f"{r['wall_ms'] - r['llama_ms']:.2f}", f"{floor:.2f}", f"{r['wall_ms'] / floor:.2f}")
+                          f"{r['wall_ms'] - r['llama_ms']:.2f}", f"{r['bandwidth'] / 1e9:.1f}", f"{r['floor_ms']:.2f}",
+                          f"{r['wall_per_floor']:.2f} ({low:.2f}-{high:.2f})")
     Console(width=160).print(table)
 
 
