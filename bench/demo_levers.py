@@ -47,6 +47,7 @@ LEVERS: dict[str, tuple[TinyConfig, bool]] = {  # name → (model, whether the i
     "vit-frozen-image-last-mlp4x": (TinyConfig(image_after_question=True, text_mlp_ratio=4), False),
     "vit-frozen-image-last-mlp8x": (TinyConfig(image_after_question=True, text_mlp_ratio=8), False),
     "vit-frozen-image-last-heads8": (TinyConfig(image_after_question=True, heads=8), False),
+    "vit-frozen-image-last-heads16": (TinyConfig(image_after_question=True, heads=16), False),
     "vit-frozen-image-last-heads8-128": (
         TinyConfig(image_after_question=True, heads=8, image_size=128, patch_size=32), False),
     "vit-trained-lm4": (TinyConfig(text_layers=4), True),
