@@ -9,7 +9,7 @@ before the image), and (`--n-train`, `--emphasis`) how many training questions t
 which kinds it asks more often (the test split depends on neither); `--epochs`, `--batch-size`, `--lr`,
 `--loss-average` set the instruct stage, `--seed` the initialisation and data order, `--tower-cache-mb`
 whether a frozen tower's outputs are kept per image (what makes the Lite0 levers affordable). Left unset, they are
-the demo's (`tinymed.train.DEMO_DATA`, `demo_stages()`, `DEMO_TOWER_CACHE_MB`).
+the demo's (`tinymed.train.DEMO_DATA`, `demo_stages()`).
 
     .venv/bin/python bench/demo_levers.py --levers vit-frozen,vit-trained,lite0-128 --epochs 3
 """
@@ -30,7 +30,7 @@ from tinymed.evaluate.baseline import QuestionOnlyBaseline
 from tinymed.evaluate.metrics import score_predictions
 from tinymed.evaluate.runner import EvalConfig, evaluate, prediction_record
 from tinymed.models import TinyConfig
-from tinymed.train import DEMO_DATA, DEMO_TOWER_CACHE_MB, DatasetSpec, FinetuneConfig, finetune
+from tinymed.train import DEMO_DATA, DatasetSpec, FinetuneConfig, finetune
 from tinymed.train.config import StageConfig, demo_stages
 
 KINDS = ("ABN", "COLOR", "COUNT", "MODALITY", "ORGAN", "PLANE", "POS", "PRES", "SIZE")
@@ -83,8 +83,8 @@ def main() -> None:
     parser.add_argument("--emphasis", default="", help="train-split kind weights, e.g. organ_yesno=3,plane_yesno=3 "
                                                            "(SynthConfig.train_emphasis; the test split is unchanged)")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
-    parser.add_argument("--tower-cache-mb", type=int, default=DEMO_TOWER_CACHE_MB,
-                        help="keep a frozen tower's outputs per image (FinetuneConfig.tower_cache_mb; 0: off)")
+    parser.add_argument("--tower-cache-mb", type=int, default=0,
+                        help="keep a frozen tower's outputs per image (FinetuneConfig.tower_cache_mb; the demo: 0)")
     parser.add_argument("--eval-limit", type=int, default=None, help="score only the first N test questions")
     parser.add_argument("--out", type=Path, default=None, help="keep runs here (default: a temporary folder)")
     args = parser.parse_args()

@@ -118,11 +118,6 @@ DEMO_MODEL = TinyConfig(image_after_question=True, heads=8)
 # 68.2% vs 65.3%); the test split is the default set's, byte for byte. Asking the verification questions
 # more often in the train split (`train_emphasis`) moved which kinds were learned, not how many (README).
 DEMO_DATA = SynthConfig(n_train=14_400)
-# The demo's frozen random tower runs once per image, not once per batch (`FinetuneConfig.tower_cache_mb`):
-# measured 2026-12-04 (bench/demo_levers.py, seed 0) the same per-kind test scores to the last digit, training
-# 265 s instead of 326-380 s. The cache holds 16 tokens x 128 floats per image: ≈30 MiB for the demo's 3,600
-# train images.
-DEMO_TOWER_CACHE_MB = 1024
 
 
 def demo_stages() -> list[StageConfig]:
