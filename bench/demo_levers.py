@@ -5,8 +5,9 @@ train split and scores fp32 greedy answers on the test split: closed accuracy an
 and closed accuracy per question kind, beside the question-only baseline of the same train split. Levers:
 the tower (random SigLIP-style ViT frozen as before, the same ViT trained, ImageNet EfficientNet-Lite0
 frozen), input resolution and image-token count, the LM's depth and width, the prompt order (question
-before the image), and (`--n-train`, `--emphasis`) how many training questions the generator writes and
-which kinds it asks more often (the test split depends on neither); `--epochs`, `--batch-size`, `--lr`,
+before the image), and (`--n-train`, `--emphasis`, `--paired`) how many training questions the generator writes,
+which kinds it asks more often and whether it asks each value verification both ways of the same image (the
+test split depends on none); `--epochs`, `--batch-size`, `--lr`,
 `--loss-average` set the instruct stage, `--seed` the initialisation and data order, `--tower-cache-mb`
 whether a frozen tower's outputs are kept per image (what makes the Lite0 levers affordable). Left unset, they are
 the demo's (`tinymed.train.DEMO_DATA`, `demo_stages()`).
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--loss-average", choices=("token", "sample"), default="token", help="instruct-stage loss")
     parser.add_argument("--emphasis", default="", help="train-split kind weights, e.g. organ_yesno=3,plane_yesno=3 "
                                                            "(SynthConfig.train_emphasis; the test split is unchanged)")
+    parser.add_argument("--paired", action="store_true",
+                        help="train split asks each value verification both ways of its image (SynthConfig.train_paired)")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     parser.add_argument("--tower-cache-mb", type=int, default=0,
                         help="keep a frozen tower's outputs per image (FinetuneConfig.tower_cache_mb; the demo: 0)")
@@ -89,7 +92,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep runs here (default: a temporary folder)")
     args = parser.parse_args()
     emphasis = parse_emphasis(item for item in args.emphasis.split(",") if item)
-    data = str(ensure_default_dataset(SynthConfig(n_train=args.n_train, train_emphasis=emphasis)))
+    synth = SynthConfig(n_train=args.n_train, train_emphasis=emphasis, train_paired=args.paired)
+    data = str(ensure_default_dataset(synth))
     out = args.out or Path(tempfile.mkdtemp(prefix="tinymed-demo-levers-"))
     stages = lambda train_vision: [  # noqa: E731
         StageConfig(name="align", epochs=0.25, lr=1e-3, batch_size=args.batch_size),
@@ -97,6 +101,7 @@ def main() -> None:
                     train_vision=train_vision, loss_average=args.loss_average),
     ]
     asked = f" ({args.emphasis})" if emphasis else ""
+    asked += " (verifications paired)" if args.paired else ""
     table = Table(title=f"demo levers: {args.n_train} training questions{asked}, instruct {args.epochs:g} epochs at "
                         f"lr {args.lr:g}, batch {args.batch_size}, {args.loss_average}-mean loss, seed {args.seed}; "
                         "closed accuracy per kind (%)")

@@ -14,7 +14,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tinymed.cli.data_synth import synth
-from tinymed.data.synthetic import GENERATOR_VERSION, SynthConfig, ensure_default_dataset, generate_synthetic
+from tinymed.data.synthetic import (
+    GENERATOR_VERSION,
+    SynthConfig,
+    default_cache_dir,
+    ensure_default_dataset,
+    generate_synthetic,
+)
 
 SMALL = SynthConfig(n_train=120, n_test=40, seed=3, image_size=96)
 MEDIUM = SynthConfig(n_train=3000, n_test=1200, seed=11)  # ~14% are descriptions
@@ -108,6 +114,30 @@ def test_sizes_count_questions_and_meta_is_complete(tmp_path):
     assert 2.5 <= 120 / result.n_train_images <= 5.5  # ~4 questions per image
     with Image.open(tmp_path / train[0]["image"]) as image:
         assert image.size == (96, 96)
+
+
+def test_train_paired_asks_each_value_verification_both_ways_and_leaves_the_test_split_byte_identical(tmp_path):
+    config = SMALL.model_copy(update={"n_train": 600})
+    generate_synthetic(tmp_path / "plain", config)
+    generate_synthetic(tmp_path / "paired", config.model_copy(update={"train_paired": True}))
+    plain, paired = _files(tmp_path / "plain"), _files(tmp_path / "paired")
+    assert plain["test.json"] == paired["test.json"]
+    assert {k: v for k, v in plain.items() if "_test_" in k} == {k: v for k, v in paired.items() if "_test_" in k}
+    verifications = ("organ_yesno/", "plane_yesno/", "pos_yesno/", "count_yesno/", "size_yesno/", "color_yesno/",
+                     "modality_yesno/", "size_compare_yesno/")
+    by_image: dict[tuple[str, str], list[dict]] = {}
+    for record in _records(tmp_path / "paired", "train"):
+        kind = record["template"].split("/")[0] + "/"
+        if kind in verifications:
+            by_image.setdefault((record["image"], kind), []).append(record)
+    assert len(by_image) > 50
+    cut = [group for group in by_image.values() if len(group) != 2]  # only where n_train ends the last image
+    assert len(cut) <= 1
+    for group in (g for g in by_image.values() if len(g) == 2):
+        assert sorted(_answer(r) for r in group) == ["no", "yes"]
+        assert group[0]["template"] == group[1]["template"]
+        assert group[0]["conversations"][0]["value"] != group[1]["conversations"][0]["value"]
+    assert default_cache_dir(config.model_copy(update={"train_paired": True})).name.endswith("-paired")
 
 
 def test_train_emphasis_reweights_train_kinds_and_leaves_the_test_split_byte_identical(tmp_path):
@@ -305,8 +335,6 @@ def test_default_dataset_is_generated_once_and_reused(tmp_path, monkeypatch):
 
 
 def test_default_cache_folder_name(tmp_path, monkeypatch):
-    from tinymed.data.synthetic import default_cache_dir
-
     monkeypatch.setenv("TINYMED_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path / f"synthetic-v{GENERATOR_VERSION}-seed0"
     emphasised = SynthConfig(n_train=100, train_emphasis={"plane_yesno": 3.0, "organ_yesno": 2.5})

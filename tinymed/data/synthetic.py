@@ -62,6 +62,9 @@ class SynthConfig(BaseModel):
         default_factory=dict,
         description="question-kind name → multiplier of its weight in the TRAIN split only (the test split "
                     "is the same bytes whatever this says)")
+    train_paired: bool = Field(
+        False, description="TRAIN split only: a value-verification question ('Is this the chest?') is asked of its "
+                           "image twice, with the true value (yes) and with another one (no)")
 
     @field_validator("train_emphasis")
     @classmethod
@@ -596,19 +599,29 @@ def ask(kind: QuestionKind, truth: str, rng: np.random.Generator) -> Question:
         return Question(template.format(a=kind.phrase(a), b=kind.phrase(b)), truth, kind, name)
     if kind.options == YES_NO:
         return Question(template, truth, kind, name)
-    value = truth if rng.random() < 0.5 else _pick(rng, others)
+    return _verification(kind, truth, truth if rng.random() < 0.5 else _pick(rng, others), index)
+
+
+def _verification(kind: QuestionKind, truth: str, value: str, index: int) -> Question:
+    """Template `index` of a value-verification kind asking whether the attribute is `value`."""
     other = next((o for o in kind.options if o != value), "") if len(kind.options) == 2 else ""
-    text = template.format(value=kind.phrase(value), other=kind.phrase(other))
-    return Question(text, "yes" if value == truth else "no", kind, name)
+    text = kind.templates[index].format(value=kind.phrase(value), other=kind.phrase(other))
+    return Question(text, "yes" if value == truth else "no", kind, f"{kind.name}/{index}")
 
 
-def ask_about(scene: Scene, rng: np.random.Generator, inclusion: dict[str, float]) -> list[Question]:
-    """The questions asked of one image: each applicable kind independently with its probability."""
+def ask_about(scene: Scene, rng: np.random.Generator, inclusion: dict[str, float],
+              paired: bool = False) -> list[Question]:
+    """The questions asked of one image: each applicable kind independently with its probability; with
+    `paired`, a value-verification question also comes back with its answer flipped (another value asked)."""
     questions = []
     for kind in KINDS:
         truth = kind.attribute(scene)
         if truth is not None and rng.random() < inclusion[kind.name]:
             questions.append(ask(kind, truth, rng))
+            if paired and kind.form == "yesno" and kind.options != YES_NO:
+                asked = questions[-1]
+                value = truth if asked.answer == "no" else _pick(rng, [o for o in kind.options if o != truth])
+                questions.append(_verification(kind, truth, value, int(asked.template.rsplit("/", 1)[1])))
     order = rng.permutation(len(questions))
     return [questions[i] for i in order]
 
@@ -682,13 +695,14 @@ def _write_split(out_dir: Path, split: str, split_index: int, target: int, confi
 
 def _images_with_questions(config: SynthConfig, split_index: int) -> Iterator[tuple]:
     """(scene, questions, rng for drawing) per image that gets at least one question."""
-    emphasis = tuple(sorted(config.train_emphasis.items())) if SPLITS[split_index] == "train" else ()
+    train = SPLITS[split_index] == "train"
+    emphasis = tuple(sorted(config.train_emphasis.items())) if train else ()
     inclusion = inclusion_probabilities(config.questions_per_image, emphasis)
     draw = 0
     while True:
         rng = np.random.default_rng([config.seed, split_index, draw, 0])
         scene = sample_scene(rng)
-        questions = ask_about(scene, rng, inclusion)
+        questions = ask_about(scene, rng, inclusion, paired=train and config.train_paired)
         if questions:
             yield scene, questions, np.random.default_rng([config.seed, split_index, draw, 1])
         draw += 1
@@ -743,6 +757,7 @@ def default_cache_dir(config: SynthConfig = SynthConfig()) -> Path:
     if config.model_copy(update={"seed": 0}) != SynthConfig():
         name += f"-{config.n_train}-{config.n_test}-{config.image_size}px-q{config.questions_per_image:g}"
         name += "".join(f"-{kind}x{factor:g}" for kind, factor in sorted(config.train_emphasis.items()))
+        name += "-paired" if config.train_paired else ""
     return root / name
 
 
