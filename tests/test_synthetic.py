@@ -356,6 +356,10 @@ def test_cli_writes_the_set_and_prints_a_summary(tmp_path):
                                           "--emphasis", "organ_yesno=3"])  # fmt: skip
     assert emphasised.exit_code == 0, emphasised.output
     assert json.loads((tmp_path / "e" / "meta.json").read_text())["config"]["train_emphasis"] == {"organ_yesno": 3.0}
+    paired = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "p"), "--n-train", "30", "--n-test", "10",
+                                      "--paired"])  # fmt: skip
+    assert paired.exit_code == 0, paired.output
+    assert json.loads((tmp_path / "p" / "meta.json").read_text())["config"]["train_paired"] is True
     unknown = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "u"), "--emphasis", "organ=3"])
     assert unknown.exit_code != 0 and "unknown question kind 'organ'" in unknown.output
     malformed = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "m"), "--emphasis", "organ_yesno"])

@@ -27,6 +27,9 @@ def synth(
     emphasis: list[str] = typer.Option(
         [], "--emphasis", help="KIND=FACTOR: ask that question kind FACTOR times as often, train split only "
                                "(repeatable; the demo's are in tinymed.train.DEMO_DATA)."),
+    paired: bool = typer.Option(
+        _DEFAULTS.train_paired, "--paired", help="Train split only: ask each value verification of its image "
+                                                 "both ways (true value: yes; another: no)."),
 ) -> None:
     """Generate the deterministic synthetic medical VQA set (X-ray, CT, MRI, histology).
 
@@ -34,7 +37,8 @@ def synth(
     """
     try:
         config = SynthConfig(n_train=n_train, n_test=n_test, seed=seed, image_size=image_size,
-                             questions_per_image=questions_per_image, train_emphasis=parse_emphasis(emphasis))
+                             questions_per_image=questions_per_image, train_emphasis=parse_emphasis(emphasis),
+                             train_paired=paired)
     except ValueError as error:  # a malformed KIND=FACTOR or an unknown kind
         raise typer.BadParameter(f"--emphasis: {error}") from None
     with counting_progress("generating") as update:
