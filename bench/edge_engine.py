@@ -85,6 +85,11 @@ def _same_answers(a: Path, b: Path) -> float:
     return same / max(total, 1)
 
 
+def _score(value: float | None) -> str:
+    """A score for the table; None (no question of that kind, e.g. under --limit) as a dash."""
+    return "—" if value is None else f"{value:.2f}"
+
+
 def _training_samples(model: str, data: Path) -> list:
     return load_training_samples(zoo_recipe(model, data, out_dir="."))[0]
 
@@ -173,7 +178,7 @@ def main() -> None:
             f"{r['decode_tokens_per_s'] / r['floor_tokens_per_s']:.2f}" if "floor_tokens_per_s" in r else "",
             f"{r['ttft_ms']:.0f}", f"{r['static_bytes'] / 2**20:.1f}",
             f"{r['dynamic_peak_bytes'] / 2**20:.0f}" if r["dynamic_peak_bytes"] else "",
-            *(f"{acc[d]['open']:.2f} / {acc[d]['closed']:.2f}" for d in DATASETS),
+            *(f"{_score(acc[d]['open'])} / {_score(acc[d]['closed'])}" for d in DATASETS),
             f"{r['same_answers_as_fp32']:.1%}" if "same_answers_as_fp32" in r else "",
             str(r.get("n_vocab", "")),
             f"{r['test_answers_kept']:.1%} / {r['test_prompts_kept']:.1%}" if "n_vocab" in r else "",
