@@ -574,12 +574,17 @@ KINDS: tuple[QuestionKind, ...] = (
 
 @dataclass(frozen=True)
 class Question:
-    """One asked question with its answer; `template` names the kind and paraphrase."""
+    """One asked question with its answer; `index` picks the paraphrase among `kind.templates`."""
 
     text: str
     answer: str
     kind: QuestionKind
-    template: str
+    index: int
+
+    @property
+    def template(self) -> str:
+        """The kind and paraphrase, as "kind/index" (recorded with every row)."""
+        return f"{self.kind.name}/{self.index}"
 
     @property
     def answer_type(self) -> str:
@@ -589,16 +594,16 @@ class Question:
 def ask(kind: QuestionKind, truth: str, rng: np.random.Generator) -> Question:
     """Phrase one question about an attribute whose true value is `truth` (see module balance note)."""
     index = int(rng.integers(len(kind.templates)))
-    template, name = kind.templates[index], f"{kind.name}/{index}"
+    template = kind.templates[index]
     others = [option for option in kind.options if option != truth]
     if kind.form == "open":
-        return Question(template, truth, kind, name)
+        return Question(template, truth, kind, index)
     if kind.form == "choice":
         pair = (truth, _pick(rng, others))
         a, b = pair if rng.random() < 0.5 else pair[::-1]
-        return Question(template.format(a=kind.phrase(a), b=kind.phrase(b)), truth, kind, name)
+        return Question(template.format(a=kind.phrase(a), b=kind.phrase(b)), truth, kind, index)
     if kind.options == YES_NO:
-        return Question(template, truth, kind, name)
+        return Question(template, truth, kind, index)
     return _verification(kind, truth, truth if rng.random() < 0.5 else _pick(rng, others), index)
 
 
@@ -606,7 +611,7 @@ def _verification(kind: QuestionKind, truth: str, value: str, index: int) -> Que
     """Template `index` of a value-verification kind asking whether the attribute is `value`."""
     other = next((o for o in kind.options if o != value), "") if len(kind.options) == 2 else ""
     text = kind.templates[index].format(value=kind.phrase(value), other=kind.phrase(other))
-    return Question(text, "yes" if value == truth else "no", kind, f"{kind.name}/{index}")
+    return Question(text, "yes" if value == truth else "no", kind, index)
 
 
 def ask_about(scene: Scene, rng: np.random.Generator, inclusion: dict[str, float],
@@ -621,7 +626,7 @@ def ask_about(scene: Scene, rng: np.random.Generator, inclusion: dict[str, float
             if paired and kind.form == "yesno" and kind.options != YES_NO:
                 asked = questions[-1]
                 value = truth if asked.answer == "no" else _pick(rng, [o for o in kind.options if o != truth])
-                questions.append(_verification(kind, truth, value, int(asked.template.rsplit("/", 1)[1])))
+                questions.append(_verification(kind, truth, value, asked.index))
     order = rng.permutation(len(questions))
     return [questions[i] for i in order]
 
