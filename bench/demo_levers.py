@@ -49,6 +49,7 @@ LEVERS: dict[str, tuple[TinyConfig, bool]] = {  # name → (model, whether the i
     "vit-frozen-image-last-mlp8x": (TinyConfig(image_after_question=True, text_mlp_ratio=8), False),
     "vit-frozen-image-last-heads8": (TinyConfig(image_after_question=True, heads=8), False),
     "vit-frozen-image-last-heads16": (TinyConfig(image_after_question=True, heads=16), False),
+    "vit-trained-image-last-heads8": (TinyConfig(image_after_question=True, heads=8), True),
     "vit-frozen-image-last-heads8-lm3": (TinyConfig(image_after_question=True, heads=8, text_layers=3), False),
     "vit-frozen-image-last-heads8-128": (
         TinyConfig(image_after_question=True, heads=8, image_size=128, patch_size=32), False),

@@ -7,7 +7,7 @@ tower whose tokens fail this probe leaves the projector and LM nothing to read. 
 SigLIP-style ViT of the `tiny` preset as the demo used it (never trained), the raw pixels at 16 px (a floor
 that any tower should beat), and ImageNet EfficientNet-Lite0 at several input sizes.
 
-    .venv/bin/python bench/demo_tower_probe.py --towers vit-random,pixels-16,lite0-128
+    .venv/bin/python bench/demo_tower_probe.py --towers vit-random,vit-random-h8-w768,pixels-16,lite0-128
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tinymed.data.synthetic import SynthConfig, Scene, _images_with_questions, ensure_default_dataset
+from tinymed.models import TinyConfig
 
 ATTRIBUTES = {  # name → the label of a scene, or None where the attribute does not apply
     "modality": lambda s: s.modality,
@@ -45,14 +46,14 @@ def _scenes(config: SynthConfig, split_index: int, n_questions: int) -> list[Sce
 
 def _tower(name: str):
     """(preprocess PIL → tensor, tokens(batch) → (batch, tokens × width)) for a tower name."""
-    from tinymed.models import TinyConfig, build_tiny_model
+    from tinymed.models import build_tiny_model
     from tinymed.models.efficientnet import lite0_image_processor, load_efficientnet_lite0
 
     if name == "pixels-16":
         return (lambda image: torch.tensor(np.asarray(image.resize((16, 16), Image.Resampling.BILINEAR)) / 255.0).float(),
                 lambda batch: batch.flatten(1))
-    if name == "vit-random":
-        model, processor = build_tiny_model(["USER: a ASSISTANT: b"] * 10, TinyConfig())
+    if name.startswith("vit-random"):
+        model, processor = build_tiny_model(["USER: a ASSISTANT: b"] * 10, _vit_config(name))
         tower = model.model.vision_tower
         return (lambda image: processor.image_processor(image, return_tensors="pt")["pixel_values"][0],
                 lambda batch: tower(batch, output_hidden_states=True).hidden_states[-1].flatten(1))
@@ -60,6 +61,13 @@ def _tower(name: str):
     tower, processor = load_efficientnet_lite0(size), lite0_image_processor(size)
     return (lambda image: processor(image, return_tensors="pt")["pixel_values"][0],
             lambda batch: tower(batch).last_hidden_state.flatten(1))
+
+
+def _vit_config(name: str) -> TinyConfig:
+    """`vit-random` is the tiny preset's tower; suffixes change it: `-h8` 8 heads (the demo now), `-w768` width
+    768 (the random patch embedding then keeps all 768 values of a 16-px RGB patch), `-p8` 8-px patches."""
+    sizes = {"h": "heads", "w": "vision_hidden", "p": "patch_size"}
+    return TinyConfig(**{sizes[part[0]]: int(part[1:]) for part in name.split("-")[2:]})
 
 
 def _features(name: str, paths: list, batch: int = 32) -> tuple[np.ndarray, float]:
