@@ -343,7 +343,26 @@ def test_audit_log_keeps_metadata_not_questions(server, client, audit_path):
     ok = [r for r in rows if r[2] == 200]
     assert ok and all(r[0].startswith("chatcmpl-") and r[1] == "tiny" and r[3] > 0 and r[4] > 0 for r in ok)
     assert all(r[6] is None for r in rows)
-    assert any(r[2] == 404 for r in rows)  # failures are audited too
+    refused = post(server, {"model": "elsewhere", "messages": user("audit me too")})
+    assert audit_rows(audit_path, refused, "status, question") == [(404, None)]  # failures are audited too
+
+
+def audit_rows(path, reply: httpx.Response, columns: str = "status") -> list[tuple]:
+    """The audit rows of one reply (found by its x-request-id), waiting for them: a row is written as its
+    response ends."""
+    deadline = time.monotonic() + 5
+    while not (rows := sqlite3.connect(path).execute(
+            f"SELECT {columns} FROM requests WHERE request_id = ?", (reply.headers["x-request-id"],)).fetchall()):
+        assert time.monotonic() < deadline, "not audited"
+        time.sleep(0.02)
+    return rows
+
+
+def test_every_reply_names_its_audit_row(server, audit_path):
+    ok = post(server, {"model": "tiny", "messages": user(QUESTION), "max_tokens": 2})
+    refused = post(server, {"model": "elsewhere", "messages": user(QUESTION)})
+    assert ok.headers["x-request-id"] == ok.json()["id"] and refused.status_code == 404
+    assert audit_rows(audit_path, ok) == [(200,)] and audit_rows(audit_path, refused) == [(404,)]
 
 
 def test_audit_log_stores_questions_only_when_asked(lm, tmp_path):

@@ -221,8 +221,10 @@ def test_dicom_errors_reach_the_client_without_patient_data(served, capfd):
     assert PATIENT not in reply.text + out + err
 
 
-def audited(db) -> list[int]:
-    return [row[0] for row in sqlite3.connect(db).execute("SELECT status FROM requests ORDER BY rowid")]
+def audited(db, request_id: str) -> list[int]:
+    """The audited statuses of one request (its id from the reply's x-request-id header)."""
+    rows = sqlite3.connect(db).execute("SELECT status FROM requests WHERE request_id = ?", (request_id,))
+    return [row[0] for row in rows]
 
 
 def _palette_without(*keywords: str) -> bytes:
@@ -262,7 +264,6 @@ def test_malformed_dicom_values_are_named_4xx_and_audited(served, audit_db, case
     """Each was a 500 with a traceback, unaudited (issue 14): now a 4xx naming the element, audited."""
     _, server = served
     data, params, status, words = MALFORMED[case]
-    audited_before = len(audited(audit_db))
     url = f"data:application/dicom{params};base64," + base64.b64encode(data).decode()
     body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "q"}]}]}
@@ -271,9 +272,9 @@ def test_malformed_dicom_values_are_named_4xx_and_audited(served, audit_db, case
     error = reply.json()["error"]
     assert words in error["message"] and error["type"] == "invalid_request_error" and error["param"] == "messages"
     deadline = time.monotonic() + 5  # the row is written as the response ends
-    while len(statuses := audited(audit_db)) == audited_before:
+    while not (statuses := audited(audit_db, reply.headers["x-request-id"])):
         assert time.monotonic() < deadline, "not audited"
         time.sleep(0.02)
-    assert statuses[audited_before:] == [status]
+    assert statuses == [status]
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err

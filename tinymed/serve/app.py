@@ -245,12 +245,11 @@ def create_app(lm, config: ServeConfig = ServeConfig()) -> FastAPI:
         first = await call.next_event()
         if isinstance(first, Failed):
             raise ApiError(first.status, first.message, first.code)
-        headers = {"x-request-id": call.id}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_stream(call, model_name, include_usage), media_type="text/event-stream",
-                                     headers=headers | {"cache-control": "no-cache"})
-        return JSONResponse(await _collect(call, model_name), headers=headers)
+                                     headers={"cache-control": "no-cache"})
+        return JSONResponse(await _collect(call, model_name))
 
     return app
 

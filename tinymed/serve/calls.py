@@ -91,7 +91,8 @@ class Call:
 class ChatCalls:
     """ASGI middleware: a `Call` for each chat-completion request (in `scope["tinymed.call"]`), audited
     with the status the client got — 499 when it left before the whole answer, 500 on an unexpected error
-    — and closed when the response is over."""
+    — and closed when the response is over. Every response, errors included, names the audit row's
+    request id in its `x-request-id` header."""
 
     def __init__(self, app, audit: AuditLog | None, model: str, quant: str):
         self.app, self.audit, self.model, self.quant = app, audit, model, quant
@@ -106,6 +107,7 @@ class ChatCalls:
             nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", call.id.encode())]
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 complete = True
             await send(message)
