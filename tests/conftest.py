@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,14 @@ def save_tiny_model(folder: Path, texts: list[str], **sizes) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def audit_rows(db: Path, reply, columns: str = "status") -> list[tuple]:
+    """The serve audit log's rows of one reply (found by its x-request-id header), waiting for them: a row is
+    written as its response ends."""
+    deadline = time.monotonic() + 5
+    while not (rows := sqlite3.connect(db).execute(
+            f"SELECT {columns} FROM requests WHERE request_id = ?", (reply.headers["x-request-id"],)).fetchall()):
+        assert time.monotonic() < deadline, "not audited"
+        time.sleep(0.02)
+    return rows

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import save_tiny_model
+from conftest import audit_rows, save_tiny_model
 from tinymed.models import generate_answers, load_model
 from tinymed.serve.app import STATIC, ServeConfig, create_app
 from tinymed.serve.background import BackgroundServer
@@ -345,17 +345,6 @@ def test_audit_log_keeps_metadata_not_questions(server, client, audit_path):
     assert all(r[6] is None for r in rows)
     refused = post(server, {"model": "elsewhere", "messages": user("audit me too")})
     assert audit_rows(audit_path, refused, "status, question") == [(404, None)]  # failures are audited too
-
-
-def audit_rows(path, reply: httpx.Response, columns: str = "status") -> list[tuple]:
-    """The audit rows of one reply (found by its x-request-id), waiting for them: a row is written as its
-    response ends."""
-    deadline = time.monotonic() + 5
-    while not (rows := sqlite3.connect(path).execute(
-            f"SELECT {columns} FROM requests WHERE request_id = ?", (reply.headers["x-request-id"],)).fetchall()):
-        assert time.monotonic() < deadline, "not audited"
-        time.sleep(0.02)
-    return rows
 
 
 def test_every_reply_names_its_audit_row(server, audit_path):

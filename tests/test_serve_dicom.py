@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import sqlite3
-import time
 from pathlib import Path
 
 import httpx
@@ -21,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 from pydicom.tag import Tag
 
-from conftest import save_tiny_model
+from conftest import audit_rows, save_tiny_model
 from tinymed.models import generate_answers, load_model
 from tinymed.serve.app import ServeConfig, create_app
 from tinymed.serve.background import BackgroundServer
@@ -221,12 +219,6 @@ def test_dicom_errors_reach_the_client_without_patient_data(served, capfd):
     assert PATIENT not in reply.text + out + err
 
 
-def audited(db, request_id: str) -> list[int]:
-    """The audited statuses of one request (its id from the reply's x-request-id header)."""
-    rows = sqlite3.connect(db).execute("SELECT status FROM requests WHERE request_id = ?", (request_id,))
-    return [row[0] for row in rows]
-
-
 def _palette_without(*keywords: str) -> bytes:
     ds = pydicom.dcmread(get_testdata_file("examples_palette.dcm"))
     for keyword in keywords:
@@ -271,10 +263,6 @@ def test_malformed_dicom_values_are_named_4xx_and_audited(served, audit_db, case
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert words in error["message"] and error["type"] == "invalid_request_error" and error["param"] == "messages"
-    deadline = time.monotonic() + 5  # the row is written as the response ends
-    while not (statuses := audited(audit_db, reply.headers["x-request-id"])):
-        assert time.monotonic() < deadline, "not audited"
-        time.sleep(0.02)
-    assert statuses == [status]
+    assert audit_rows(audit_db, reply) == [(status,)]
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
