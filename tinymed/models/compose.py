@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from tinymed.models.template import TINYMED_CHAT_TEMPLATE, chat_template
+from tinymed.models.template import chat_template
 from tinymed.models.tokenizer import IMAGE
 
 VISION_LITE0 = "efficientnet-lite0"
@@ -31,6 +31,8 @@ class ComposeConfig(BaseModel):
         None, description="'default' drops CLS (CLIP), 'full' keeps all patches (SigLIP); None = by tower type"
     )
     image_size: int = Field(224, description=f"input resolution of the {VISION_LITE0} tower (pixels, square)")
+    image_after_question: bool = Field(False, description="prompt order: question, then image (default: LLaVA's, "
+                                                          "image first)")
     seed: int = 0
 
 
@@ -92,7 +94,7 @@ def compose_llava(config: ComposeConfig):
         tokenizer=tokenizer,
         patch_size=vcfg.patch_size,
         vision_feature_select_strategy=strategy,
-        chat_template=TINYMED_CHAT_TEMPLATE,
+        chat_template=chat_template(IMAGE, image_last=config.image_after_question),
         image_token=IMAGE,
         num_additional_image_tokens=1 if kind == "clip" else 0,
     )
@@ -150,7 +152,7 @@ def compose_fastvlm(config: ComposeConfig):
         tokenizer=tokenizer,
         patch_size=stride,
         vision_feature_select_strategy="full",
-        chat_template=chat_template(image_token),
+        chat_template=chat_template(image_token, image_last=config.image_after_question),
         image_token=image_token,
         num_additional_image_tokens=0,
     )

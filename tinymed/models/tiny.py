@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterable
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
 from tinymed.models.compose import VISION_LITE0, ComposeConfig, compose_fastvlm
 from tinymed.models.template import chat_template
@@ -35,16 +35,9 @@ class TinyConfig(BaseModel):
     vocab_size: int = 2000
     max_positions: int = 512
     vision_feature_layer: int = Field(-1, description="which SigLIP hidden layer feeds the projector")
-    image_after_question: bool = Field(False, description="prompt order: question, then image (SigLIP only)")
+    image_after_question: bool = Field(False, description="prompt order: question, then image")
     tie_embeddings: bool = Field(False, description="one matrix for the LM's input embedding and output head")
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _image_order_needs_siglip(self) -> "TinyConfig":
-        if self.image_after_question and self.vision != "siglip":
-            raise ValueError("image_after_question is only built for the SigLIP tower (the Lite0 composition "
-                             "uses the pretrained LM's template)")
-        return self
 
 
 def build_tiny_model(texts: Iterable[str], config: TinyConfig = TinyConfig()):
@@ -79,7 +72,7 @@ def _lite0_fastvlm(tokenizer, text, config: TinyConfig):
         LlamaForCausalLM(text).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         return compose_fastvlm(ComposeConfig(llm=folder, vision=VISION_LITE0, image_size=config.image_size,
-                                             seed=config.seed))
+                                             image_after_question=config.image_after_question, seed=config.seed))
 
 
 def _siglip_llava(tokenizer, text, config: TinyConfig):
