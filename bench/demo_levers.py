@@ -84,6 +84,7 @@ def main() -> None:
     demo = demo_stages()[-1]  # defaults: the demo's recipe
     parser.add_argument("--epochs", type=float, default=demo.epochs, help="instruct-stage epochs (align: 0.25)")
     parser.add_argument("--lr", type=float, default=demo.lr, help="instruct-stage learning rate")
+    parser.add_argument("--weight-decay", type=float, default=demo.weight_decay, help="instruct-stage AdamW decay")
     parser.add_argument("--batch-size", type=int, default=demo.batch_size, help="both stages")
     parser.add_argument("--n-train", type=int, default=DEMO_DATA.n_train, help="training questions generated")
     parser.add_argument("--loss-average", choices=("token", "sample"), default="token", help="instruct-stage loss")
@@ -108,14 +109,14 @@ def main() -> None:
     stages = lambda train_vision: [  # noqa: E731
         StageConfig(name="align", epochs=0.25, lr=1e-3, batch_size=args.batch_size),
         StageConfig(name="instruct", epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                    train_vision=train_vision, loss_average=args.loss_average),
+                    train_vision=train_vision, loss_average=args.loss_average, weight_decay=args.weight_decay),
     ]
     asked = f" ({args.emphasis})" if emphasis else ""
     asked += " (verifications paired)" if args.paired else ""
     asked += " (length-grouped batches)" if args.group_by_length else ""
     asked += " (packed rows)" if args.pack else ""
     table = Table(title=f"demo levers: {args.n_train} training questions{asked}, instruct {args.epochs:g} epochs at "
-                        f"lr {args.lr:g}, batch {args.batch_size}, {args.loss_average}-mean loss, seed {args.seed}; "
+                        f"lr {args.lr:g}, weight decay {args.weight_decay:g}, batch {args.batch_size}, {args.loss_average}-mean loss, seed {args.seed}; "
                         "closed accuracy per kind (%)")
     for column in ("lever", "train s", "closed", "open recall", *KINDS):
         table.add_column(column, justify="right")

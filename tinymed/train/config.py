@@ -35,6 +35,7 @@ class StageConfig(BaseModel):
     batch_size: int = Field(ge=1)
     grad_accum: int = Field(1, ge=1)
     warmup_ratio: float = Field(0.03, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
     lora: bool = False
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)

@@ -145,7 +145,7 @@ def _run_stage(run: Run, index: int, stage: StageConfig, model):
     tower = model.model.vision_tower  # the same module object inside a LoRA (peft) wrapper
     model = configure_stage(model, stage)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     lengths = run.dataset.text_lengths() if config.group_by_length else None
     sampler = EpochSampler(len(run.dataset), config.seed, lengths, stage.batch_size * acc.num_processes)
     loader = DataLoader(run.dataset, batch_size=stage.batch_size, sampler=sampler, num_workers=config.num_workers,
