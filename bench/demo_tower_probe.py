@@ -66,8 +66,8 @@ def _tower(name: str):
 def _vit_config(name: str) -> TinyConfig:
     """`vit-random` is the tiny preset's tower; suffixes change it: `-h8` 8 heads (the demo now), `-w768` width
     768 (the random patch embedding then keeps all 768 values of a 16-px RGB patch), `-p8` 8-px patches, `-l4`
-    4 layers (the preset: 2)."""
-    sizes = {"h": "heads", "w": "vision_hidden", "p": "patch_size", "l": "vision_layers"}
+    4 layers (the preset: 2), `-s96` 96-px input (the preset: 64)."""
+    sizes = {"h": "heads", "w": "vision_hidden", "p": "patch_size", "l": "vision_layers", "s": "image_size"}
     return TinyConfig(**{sizes[part[0]]: int(part[1:]) for part in name.split("-")[2:]})
 
 

@@ -94,7 +94,7 @@ class Collator:
     """Batches a list of examples, right-padded: input_ids with `pad_id`, labels with IGNORE_INDEX.
 
     Unpacked (default): one example per row, with a 2D `attention_mask` (0 on padding).
-    `pack=True`: the examples share rows of the longest example's length (first-fit, longest first), and
+    `pack=True`: the examples share rows twice the longest example's length (first fit, longest first), and
     `position_ids` restart at 0 for each example instead of an attention mask — transformers then attends
     block-diagonally (an example sees only its own earlier tokens), so each example is computed as if alone,
     with less padding to compute through. `pixel_values` follow the examples in row-major order, the order
@@ -130,8 +130,9 @@ class Collator:
 
 
 def _first_fit(lengths: list[int]) -> list[list[int]]:
-    """Example indices per row: longest first, each into the first row with room, rows as long as the longest."""
-    width, rows, room = max(lengths), [], []
+    """Example indices per row: longest first, each into the first row with room; rows twice as long as the
+    longest example (as long as it, no two examples share a row when the shortest is over half the longest)."""
+    width, rows, room = 2 * max(lengths), [], []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         row = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
         if row is None:
