@@ -96,8 +96,6 @@ def main() -> None:
                         help="keep a frozen tower's outputs per image (FinetuneConfig.tower_cache_mb; the demo: 0)")
     parser.add_argument("--group-by-length", action="store_true",
                         help="length-grouped batches (FinetuneConfig.group_by_length; the demo: off)")
-    parser.add_argument("--pack", action="store_true",
-                        help="examples share padded rows (FinetuneConfig.pack; the demo: off)")
     parser.add_argument("--eval-limit", type=int, default=None, help="score only the first N test questions")
     parser.add_argument("--out", type=Path, default=None, help="keep runs here (default: a temporary folder)")
     args = parser.parse_args()
@@ -113,9 +111,9 @@ def main() -> None:
     asked = f" ({args.emphasis})" if emphasis else ""
     asked += " (verifications paired)" if args.paired else ""
     asked += " (length-grouped batches)" if args.group_by_length else ""
-    asked += " (packed rows)" if args.pack else ""
     table = Table(title=f"demo levers: {args.n_train} training questions{asked}, instruct {args.epochs:g} epochs at "
-                        f"lr {args.lr:g}, weight decay {args.weight_decay:g}, batch {args.batch_size}, {args.loss_average}-mean loss, seed {args.seed}; "
+                        f"lr {args.lr:g}, weight decay {args.weight_decay:g}, batch {args.batch_size}, "
+                        f"{args.loss_average}-mean loss, seed {args.seed}; "
                         "closed accuracy per kind (%)")
     for column in ("lever", "train s", "closed", "open recall", *KINDS):
         table.add_column(column, justify="right")
@@ -130,7 +128,7 @@ def main() -> None:
                                           tiny=tiny.model_copy(update={"seed": args.seed}), seed=args.seed,
                                           stages=stages(train_vision), out_dir=out / name,
                                           tower_cache_mb=args.tower_cache_mb,
-                                          group_by_length=args.group_by_length, pack=args.pack), progress=False)
+                                          group_by_length=args.group_by_length), progress=False)
         seconds = time.perf_counter() - start
         result = evaluate(EvalConfig(model=str(trained.model_dir), dataset="synthetic", path=data, out_dir=out / name / "eval",
                                      batch_size=16, max_new_tokens=24, limit=args.eval_limit, device="cpu"))

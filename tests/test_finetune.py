@@ -22,7 +22,6 @@ from tinymed.cli.finetune import pair_datasets
 from tinymed.models import IGNORE_INDEX, TinyConfig, encode_for_training, load_model
 from tinymed.train import DatasetSpec, FinetuneConfig, StageConfig, finetune
 from tinymed.data import load_dataset
-from tinymed.io import read_jsonl
 from tinymed.train.data import Collator, EpochSampler, VQATrainDataset
 from tinymed.train.loop import answer_loss, planned_steps
 
@@ -161,42 +160,6 @@ def test_sample_mean_loss_weighs_each_answer_equally(align_run):
         assert torch.allclose(answer_loss(loaded.model, batch), token_mean, atol=1e-5)
         assert torch.allclose(answer_loss(loaded.model, batch, "sample"), sample_mean, atol=1e-5)
         assert not torch.allclose(token_mean, sample_mean, atol=1e-3)
-
-
-def test_packed_rows_give_each_example_the_loss_it_has_alone(align_run):
-    loaded = load_model(align_run[0] / "final", device="cpu")
-    pad = loaded.processor.tokenizer.pad_token_id
-    asked = [("red", "Is the image in this scan red or blue?", "red and a bit of blue"), ("blue", "Is it red?", "no"),
-             ("green", "What color?", "green"), ("red", "Is it blue?", "no"), ("blue", "What color is it?", "blue")]
-    examples = [encode_for_training(loaded.processor, Image.new("RGB", (40, 40), COLORS[color]), question, answer)
-                for color, question, answer in asked]
-    padded, packed = Collator(pad)(examples), Collator(pad, pack=True)(examples)
-    assert len(packed["input_ids"]) < len(padded["input_ids"]) == 5  # examples share rows
-    assert packed["input_ids"].shape[1] <= 2 * padded["input_ids"].shape[1] == 2 * len(examples[0]["input_ids"])
-    assert packed["input_ids"].numel() < padded["input_ids"].numel()
-    assert "attention_mask" not in packed and packed["samples"] == padded["samples"] == 5
-    assert sorted(packed["sample_index"].unique().tolist()) == [-1, 0, 1, 2, 3, 4]
-    with torch.no_grad():
-        for average in ("token", "sample"):  # the images follow their examples: a mix-up would change the loss
-            assert torch.allclose(answer_loss(loaded.model, packed, average), answer_loss(loaded.model, padded, average),
-                                  atol=1e-5)
-        mixed_up = {**packed, "pixel_values": padded["pixel_values"]}  # images in example order, not row-major
-        assert not torch.allclose(answer_loss(loaded.model, mixed_up), answer_loss(loaded.model, padded), atol=1e-5)
-
-
-def test_cli_pack_trains_on_packed_rows(data_dir, tmp_path):
-    from typer.testing import CliRunner
-
-    from tinymed.cli import app
-
-    out = tmp_path / "packed"
-    result = CliRunner().invoke(app, ["finetune", "--dataset", "llava-med", "--path", str(data_dir), "--out", str(out),
-                                      "--stages", "instruct", "--max-steps", "2", "--batch-size", "4", "--pack",
-                                      "--skip-invalid"])
-    assert result.exit_code == 0, result.output
-    saved = json.loads((out / "finetune_result.json").read_text())
-    assert saved["config"]["pack"] is True and saved["steps"] == {"instruct": 2}
-    assert all(math.isfinite(row["loss"]) and row["samples_per_s"] > 0 for row in read_jsonl(out / "train_log.jsonl"))
 
 
 def _counting_image_loads(monkeypatch) -> list[str]:

@@ -59,7 +59,6 @@ def register(app: typer.Typer) -> None:
         limit: int | None = typer.Option(None, "--limit", min=1, help="At most N samples per dataset."),
         skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip malformed dataset rows (counted)."),
         keep_adapter: bool = typer.Option(False, "--keep-adapter", help="Save the LoRA adapter instead of merging it."),
-        pack: bool = typer.Option(False, "--pack", help="Short examples share padded rows (block-diagonal attention)."),
         config_file: Path | None = typer.Option(None, "--config", exists=True, dir_okay=False,
                                                 help="A FinetuneConfig JSON (then only --out and --resume apply)."),
     ) -> None:
@@ -85,7 +84,7 @@ def register(app: typer.Typer) -> None:
                 config = FinetuneConfig(
                     datasets=pair_datasets(dataset, path, split), model=model, preset=preset, stages=chosen,
                     out_dir=out, save_every=save_every, limit=limit, skip_invalid=skip_invalid,
-                    keep_adapter=keep_adapter, pack=pack,
+                    keep_adapter=keep_adapter,
                 )
             result = run_finetune(config, resume=resume)
         except (ValidationError, DataError, FileNotFoundError, ValueError) as exc:

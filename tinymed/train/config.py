@@ -69,8 +69,6 @@ class FinetuneConfig(BaseModel):
     log_every: int = Field(5, ge=1)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (images load in workers)")
     group_by_length: bool = Field(False, description="batches of similar length (less padding; see EpochSampler)")
-    pack: bool = Field(False, description="examples share padded rows, attending block-diagonally (less padding "
-                                          "computed; see Collator)")
     cache_mb: int = Field(2048, ge=0, description="MiB of decoded pixel values kept in memory across epochs "
                                                   "(per DataLoader worker; 0 = decode every image every epoch)")
     tower_cache_mb: int = Field(0, ge=0, description="MiB of a frozen vision tower's outputs kept across a stage "

@@ -91,56 +91,25 @@ class VQATrainDataset(Dataset):
 
 @dataclass
 class Collator:
-    """Batches a list of examples, right-padded: input_ids with `pad_id`, labels with IGNORE_INDEX.
-
-    Unpacked (default): one example per row, with a 2D `attention_mask` (0 on padding).
-    `pack=True`: the examples share rows twice the longest example's length (first fit, longest first), and
-    `position_ids` restart at 0 for each example instead of an attention mask — transformers then attends
-    block-diagonally (an example sees only its own earlier tokens), so each example is computed as if alone,
-    with less padding to compute through. `pixel_values` follow the examples in row-major order, the order
-    in which the model fills image positions. `sample_index` names each token's example (-1: padding).
+    """Right-pads a list of examples: input_ids with `pad_id`, labels with IGNORE_INDEX, attention 0.
 
     The batch also lists the ids of skipped samples under "skipped" (possibly all of them: then the
-    batch has no tensors) and counts its examples under "samples"."""
+    batch has no tensors)."""
 
     pad_id: int
-    pack: bool = False
 
     def __call__(self, examples: list[dict]) -> dict:
         good = [e for e in examples if "skipped" not in e]
-        batch: dict = {"skipped": [e["skipped"] for e in examples if "skipped" in e], "samples": len(good)}
+        batch: dict = {"skipped": [e["skipped"] for e in examples if "skipped" in e]}
         if not good:
             return batch
-        rows = _first_fit([len(e["input_ids"]) for e in good]) if self.pack else [[i] for i in range(len(good))]
-        order = [i for row in rows for i in row]
+        ids = [e["input_ids"] for e in good]
         pad = torch.nn.utils.rnn.pad_sequence
-        joined = lambda key: [torch.cat([good[i][key] for i in row]) for row in rows]  # noqa: E731
-        batch["input_ids"] = pad(joined("input_ids"), batch_first=True, padding_value=self.pad_id)
-        batch["labels"] = pad(joined("labels"), batch_first=True, padding_value=IGNORE_INDEX)
-        owner = {i: n for n, i in enumerate(order)}
-        batch["sample_index"] = pad([torch.cat([torch.full_like(good[i]["input_ids"], owner[i]) for i in row])
-                                     for row in rows], batch_first=True, padding_value=-1)
-        if self.pack:  # padding gets position 0 each: a one-token sequence of its own
-            batch["position_ids"] = pad([torch.cat([torch.arange(len(good[i]["input_ids"])) for i in row])
-                                         for row in rows], batch_first=True, padding_value=0)
-        else:
-            batch["attention_mask"] = (batch["sample_index"] >= 0).long()
-        batch["pixel_values"] = torch.cat([good[i]["pixel_values"] for i in order])
+        batch["input_ids"] = pad(ids, batch_first=True, padding_value=self.pad_id)
+        batch["labels"] = pad([e["labels"] for e in good], batch_first=True, padding_value=IGNORE_INDEX)
+        batch["attention_mask"] = pad([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0)
+        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in good])
         return batch
-
-
-def _first_fit(lengths: list[int]) -> list[list[int]]:
-    """Example indices per row: longest first, each into the first row with room; rows twice as long as the
-    longest example (as long as it, no two examples share a row when the shortest is over half the longest)."""
-    width, rows, room = 2 * max(lengths), [], []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
-        if row is None:
-            rows.append([]), room.append(width)
-            row = len(rows) - 1
-        rows[row].append(i)
-        room[row] -= lengths[i]
-    return rows
 
 
 class EpochSampler(Sampler[int]):

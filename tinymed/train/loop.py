@@ -26,7 +26,7 @@ from tinymed.train.stages import configure_stage, is_peft, merged, save_adapter,
 from tinymed.train.tower_cache import cached_tower
 
 MAX_GRAD_NORM = 1.0
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values")
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 
 
 @dataclass
@@ -149,7 +149,7 @@ def _run_stage(run: Run, index: int, stage: StageConfig, model):
     lengths = run.dataset.text_lengths() if config.group_by_length else None
     sampler = EpochSampler(len(run.dataset), config.seed, lengths, stage.batch_size * acc.num_processes)
     loader = DataLoader(run.dataset, batch_size=stage.batch_size, sampler=sampler, num_workers=config.num_workers,
-                        collate_fn=Collator(run.processor.tokenizer.pad_token_id, pack=config.pack))
+                        collate_fn=Collator(run.processor.tokenizer.pad_token_id))
     model, optimizer, loader = acc.prepare(model, optimizer, loader)
     total = planned_steps(stage, len(loader))
     # accelerate steps a prepared scheduler once per process per optimizer step: scale its horizon
@@ -188,13 +188,12 @@ def answer_loss(model, batch: dict, average: str = "token"):
     answer = targets != IGNORE_INDEX
     keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
     keep[:, :-1] = answer  # the position before each answer token predicts it
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    logits = model(**{k: batch[k] for k in MODEL_INPUTS}, logits_to_keep=keep).logits
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[answer], reduction="none")
     if average == "token":
         return losses.mean()
-    owner = batch["sample_index"][:, 1:][answer]  # row-major = logits order
-    per_sample = torch.bincount(owner)
+    per_sample = answer.sum(dim=1)
+    owner = torch.repeat_interleave(torch.arange(len(per_sample)), per_sample)  # row-major = logits order
     return (losses / per_sample[owner]).sum() / (per_sample > 0).sum()
 
 
@@ -212,7 +211,7 @@ def _run_epoch(run: Run, index: int, stage: StageConfig, total: int, objects, ta
                 loss = answer_loss(model, batch, stage.loss_average)
                 acc.backward(loss)
                 step_loss, step_batches = step_loss + loss.item(), step_batches + 1
-                run.state.window_samples += batch["samples"] * acc.num_processes
+                run.state.window_samples += len(batch["input_ids"]) * acc.num_processes
             if acc.sync_gradients:
                 acc.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
             optimizer.step()
