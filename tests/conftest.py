@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,9 @@ def audit_rows(db: Path, reply, columns: str = "status") -> list[tuple]:
     """The serve audit log's rows of one reply (found by its x-request-id header), waiting for them: a row is
     written as its response ends."""
     deadline = time.monotonic() + 5
-    while not (rows := sqlite3.connect(db).execute(
-            f"SELECT {columns} FROM requests WHERE request_id = ?", (reply.headers["x-request-id"],)).fetchall()):
-        assert time.monotonic() < deadline, "not audited"
-        time.sleep(0.02)
+    with closing(sqlite3.connect(db)) as connection:
+        while not (rows := connection.execute(
+                f"SELECT {columns} FROM requests WHERE request_id = ?", (reply.headers["x-request-id"],)).fetchall()):
+            assert time.monotonic() < deadline, "not audited"
+            time.sleep(0.02)
     return rows

@@ -4,7 +4,7 @@ from tinymed.models.compose import ComposeConfig, compose, compose_fastvlm, comp
 from tinymed.models.features import IGNORE_INDEX, encode_for_training
 from tinymed.models.generate import GeneratedAnswer, generate_answers, generate_batch, prepare_inputs
 from tinymed.models.loading import LoadedModel, default_dtype, load_model, load_processor, resolve_device
-from tinymed.models.template import TINYMED_CHAT_TEMPLATE, build_prompt
+from tinymed.models.template import build_prompt
 from tinymed.models.tiny import TinyConfig, build_tiny_model
 from tinymed.models.zoo import ZOO, assemble, resolve_model
 
@@ -13,7 +13,6 @@ __all__ = [
     "GeneratedAnswer",
     "IGNORE_INDEX",
     "LoadedModel",
-    "TINYMED_CHAT_TEMPLATE",
     "TinyConfig",
     "ZOO",
     "assemble",

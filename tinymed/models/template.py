@@ -39,9 +39,6 @@ def chat_template(image_token: str = "<image>", image_last: bool = False) -> str
     return _TEMPLATE.replace("@@USER_PARTS@@", parts).replace(IMAGE_SLOT, image_token)
 
 
-TINYMED_CHAT_TEMPLATE = chat_template("<image>")
-
-
 def user_message(question: str) -> dict:
     """The chat message for one image + one question (image part first, as LLaVA was trained)."""
     return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question.strip()}]}
