@@ -60,6 +60,8 @@ LEVERS: dict[str, tuple[TinyConfig, bool]] = {  # name → (model, whether the i
     "lite0-160": (TinyConfig(vision="efficientnet-lite0", image_size=160), False),
     "lite0-224": (TinyConfig(vision="efficientnet-lite0", image_size=224), False),
     "lite0-96-heads8": (TinyConfig(vision="efficientnet-lite0", image_size=96, heads=8), False),
+    "lite0-96x128-heads8": (TinyConfig(vision="efficientnet-lite0", image_size=96, image_width=128, heads=8), False),
+    "lite0-64x128-heads8": (TinyConfig(vision="efficientnet-lite0", image_size=64, image_width=128, heads=8), False),
     "lite0-128-heads8": (TinyConfig(vision="efficientnet-lite0", image_size=128, heads=8), False),
     "lite0-160-heads8": (TinyConfig(vision="efficientnet-lite0", image_size=160, heads=8), False),
     "lite0-128-image-last-heads8": (

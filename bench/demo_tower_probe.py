@@ -57,8 +57,8 @@ def _tower(name: str):
         tower = model.model.vision_tower
         return (lambda image: processor.image_processor(image, return_tensors="pt")["pixel_values"][0],
                 lambda batch: tower(batch, output_hidden_states=True).hidden_states[-1].flatten(1))
-    size = int(name.split("-")[1])
-    tower, processor = load_efficientnet_lite0(size), lite0_image_processor(size)
+    height, _, width = name.split("-")[1].partition("x")  # lite0-96 (square) or lite0-96x128 (rows × columns)
+    tower, processor = load_efficientnet_lite0(int(height)), lite0_image_processor(int(height), int(width or height))
     return (lambda image: processor(image, return_tensors="pt")["pixel_values"][0],
             lambda batch: tower(batch).last_hidden_state.flatten(1))
 

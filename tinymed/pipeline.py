@@ -34,7 +34,7 @@ from tinymed.evaluate.image_controls import ImageControl
 from tinymed.evaluate.runner import EvalConfig, evaluate, prediction_record
 from tinymed.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from tinymed.quantize import QuantConfig, default_demo_quant, quantize_model
-from tinymed.train import DEMO_DATA, DEMO_MODEL, DatasetSpec, FinetuneConfig, demo_stages, finetune
+from tinymed.train import DEMO_DATA, DEMO_MODEL, DEMO_TOWER_CACHE_MB, DatasetSpec, FinetuneConfig, demo_stages, finetune
 
 # progress(description) → a context manager yielding update(done, total)
 ProgressFactory = Callable[[str], AbstractContextManager[Callable[[int, int], None]]]
@@ -104,7 +104,7 @@ def run_demo(config: DemoConfig, progress: ProgressFactory = _no_progress, say=p
     say("2/6 fine-tune (stage 1 alignment → stage 2 instruction tuning)")
     trained = finetune(FinetuneConfig(
         datasets=[DatasetSpec(name=s.name, path=s.path, split="train") for s in specs],
-        tiny=DEMO_MODEL, stages=demo_stages(), out_dir=out / "finetune",
+        tiny=DEMO_MODEL, stages=demo_stages(), out_dir=out / "finetune", tower_cache_mb=DEMO_TOWER_CACHE_MB,
     ))
     bench = BenchmarkConfig(model=str(trained.model_dir), datasets=specs, out_dir=out,
                             **config.model_dump(include=set(VariantOptions.model_fields)))

@@ -31,6 +31,8 @@ class ComposeConfig(BaseModel):
         None, description="'default' drops CLS (CLIP), 'full' keeps all patches (SigLIP); None = by tower type"
     )
     image_size: int = Field(224, description=f"input resolution of the {VISION_LITE0} tower (pixels, square)")
+    image_width: int | None = Field(None, description=f"{VISION_LITE0}: input width (pixels) where it differs from "
+                                                      "image_size, which is then the height")
     image_after_question: bool = Field(False, description="prompt order: question, then image (default: LLaVA's, "
                                                           "image first)")
     seed: int = 0
@@ -134,7 +136,7 @@ def compose_fastvlm(config: ComposeConfig):
         vision_config=tower.config,
         text_config=llm.config,
         image_token_index=tokenizer.convert_tokens_to_ids(image_token),
-        image_seq_length=(config.image_size // stride) ** 2,
+        image_seq_length=(config.image_size // stride) * ((config.image_width or config.image_size) // stride),
         projector_hidden_act="gelu",
     )
     torch.manual_seed(config.seed)
@@ -148,7 +150,7 @@ def compose_fastvlm(config: ComposeConfig):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     tokenizer.padding_side = "left"
     processor = LlavaProcessor(
-        image_processor=lite0_image_processor(config.image_size),
+        image_processor=lite0_image_processor(config.image_size, config.image_width),
         tokenizer=tokenizer,
         patch_size=stride,
         vision_feature_select_strategy="full",

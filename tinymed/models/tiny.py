@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterable
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from tinymed.models.compose import VISION_LITE0, ComposeConfig, compose_fastvlm
 from tinymed.models.template import chat_template
@@ -25,6 +25,8 @@ class TinyConfig(BaseModel):
     vision: Literal["siglip", "efficientnet-lite0"] = Field(
         "siglip", description="random-init SigLIP-style ViT, or the pretrained EfficientNet-Lite0 (FastVLM)")
     image_size: int = Field(64, description="input resolution in pixels (square)")
+    image_width: int | None = Field(None, description="Lite0 only: input width in pixels where it differs from "
+                                                      "image_size, which is then the height")
     patch_size: int = Field(16, description="SigLIP patch side (Lite0: fixed stride 32)")
     vision_hidden: int = Field(128, description="SigLIP width (Lite0: 1280 channels)")
     vision_layers: int = Field(2, description="SigLIP depth")
@@ -38,6 +40,13 @@ class TinyConfig(BaseModel):
     image_after_question: bool = Field(False, description="prompt order: question, then image")
     tie_embeddings: bool = Field(False, description="one matrix for the LM's input embedding and output head")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _width_needs_lite0(self):
+        if self.image_width is not None and self.vision != VISION_LITE0:
+            raise ValueError(f"image_width={self.image_width}: a non-square input is only built for the "
+                             f"{VISION_LITE0} tower (the SigLIP-style ViT's position embeddings are square)")
+        return self
 
 
 def build_tiny_model(texts: Iterable[str], config: TinyConfig = TinyConfig()):
@@ -72,6 +81,7 @@ def _lite0_fastvlm(tokenizer, text, config: TinyConfig):
         LlamaForCausalLM(text).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         return compose_fastvlm(ComposeConfig(llm=folder, vision=VISION_LITE0, image_size=config.image_size,
+                                             image_width=config.image_width,
                                              image_after_question=config.image_after_question, seed=config.seed))
 
 

@@ -3,6 +3,7 @@
 from tinymed.train.config import (
     DEMO_DATA,
     DEMO_MODEL,
+    DEMO_TOWER_CACHE_MB,
     DatasetSpec,
     FinetuneConfig,
     FinetuneResult,
@@ -12,4 +13,4 @@ from tinymed.train.config import (
 )
 from tinymed.train.loop import finetune
 
-__all__ = ["DEMO_DATA", "DEMO_MODEL", "DatasetSpec", "FinetuneConfig", "FinetuneResult", "StageConfig", "default_stages", "demo_stages", "finetune"]
+__all__ = ["DEMO_DATA", "DEMO_MODEL", "DEMO_TOWER_CACHE_MB", "DatasetSpec", "FinetuneConfig", "FinetuneResult", "StageConfig", "default_stages", "demo_stages", "finetune"]
