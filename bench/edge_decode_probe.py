@@ -1,7 +1,7 @@
 """Where a llama.cpp decode step's time goes, per edge folder: llama.cpp's own eval time vs our Python loop,
-with 1 and 2 threads, beside the bandwidth floor (GGUF bytes ÷ read bandwidth measured just before and
-just after each round: this VM's bandwidth moves 20-30% within a minute, so a floor from a figure taken
-minutes apart can land on either side of the truth).
+with 1 and 2 threads, beside the bandwidth floor (the GGUF bytes a decode step reads, `decode_read_bytes`, ÷
+read bandwidth measured just before and just after each round: this VM's bandwidth moves 20-30% within a
+minute, so a floor from a figure taken minutes apart can land on either side of the truth).
 
 For each folder and thread count: prefill a fixed text prompt, then greedy-decode `--tokens` tokens through
 `LlamaCppModel.answer_ids` (what evaluate/profile/serve run) with the end of answer held back. Wall time per
@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge_engine import memory_bandwidth  # bench/ is the script's folder, first on sys.path
+from tinymed.models.gguf import decode_read_bytes
 from tinymed.models.llamacpp import LlamaCppModel
 
 PROMPT = "USER: Describe the findings of this chest radiograph in detail. ASSISTANT:"
@@ -49,7 +50,7 @@ def _probe(folder: Path, threads: int, tokens: int, repeats: int) -> dict:
         inside.append(time.perf_counter() - start)
 
     model._decode = timed
-    gguf_bytes = (folder / model.manifest["gguf"]).stat().st_size
+    gguf_bytes = decode_read_bytes(folder / model.manifest["gguf"])
     model.answer_ids(prompt, None, max_new_tokens=tokens, stop_ids=stops, min_new_tokens=tokens)  # warm-up
     rounds = []
     for _ in range(repeats):

