@@ -12,7 +12,7 @@ speed runs (their mean: this VM's bandwidth moves 20-30% within a minute). The f
 often its answers equal transformers fp32's. Trimmed-vocabulary rows (`--trimmed q4_0:8000`: keep the
 training data's tokens + the 8000 most frequent English tokens) add their vocabulary size and the shares
 of test answers and prompts whose every token is kept (the rest is written / read re-spelled).
-Untied-head rows (`--untied q4_0`) export with `untie_head` (the LM head as its own q4_0 tensor).
+Untied-head rows (`--untied q4_0`) export with `untie_head` (the LM head as its own IQ4_NL tensor).
 Everything lands in OUT (evaluations resume by run key).
 
     python bench/edge_engine.py --model tinymed-med-270m --data ../shared/data --out runs/edge-bench
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--quants", default="f16,q8_0,q4_k_m,q4_0", help="llama.cpp rows")
     parser.add_argument("--trimmed", default="q4_0:0,q4_0:8000,q4_0:32000",
                         help="trimmed-vocabulary llama.cpp rows, QUANT:TOP_N (zoo models: trained on their recipe)")
-    parser.add_argument("--untied", default="q4_0", help="llama.cpp rows exported with an untied q4_0 LM head")
+    parser.add_argument("--untied", default="q4_0", help="llama.cpp rows exported with an untied IQ4_NL LM head")
     parser.add_argument("--limit", type=int, default=None, help="questions per dataset (quick look)")
     args = parser.parse_args()
     rows = []

@@ -87,13 +87,14 @@ def test_edge_folder_manifest_and_quantized_variants(tiny_vlm, edge_f16, tmp_pat
     assert all(0 < a.new_tokens <= 4 for a in answers)
 
 
-def test_untied_head_is_its_own_repackable_q4_0_tensor_and_a_step_reads_one_embedding_row(tiny_vlm, tmp_path):
+def test_untied_head_is_its_own_repackable_iq4_nl_tensor_and_a_step_reads_one_embedding_row(tiny_vlm, tmp_path):
     from gguf import GGMLQuantizationType, GGUFReader
 
     tied = export_gguf(str(tiny_vlm), "q4_0", tmp_path / "tied", tokenizer_gguf=gemma_270m_gguf())
     untied = export_gguf(str(tiny_vlm), "q4_0", tmp_path / "untied", tokenizer_gguf=gemma_270m_gguf(), untie_head=True)
     types = {t.name: t.tensor_type for t in GGUFReader(str(untied / "lm-q4_0.gguf")).tensors}
-    assert types["output.weight"] == GGMLQuantizationType.Q4_0 and types["token_embd.weight"] == GGMLQuantizationType.Q8_0
+    assert types["output.weight"] == GGMLQuantizationType.IQ4_NL
+    assert types["token_embd.weight"] == GGMLQuantizationType.Q8_0
     assert "output.weight" not in {t.name for t in GGUFReader(str(tied / "lm-q4_0.gguf")).tensors}
     embedding = next(t for t in GGUFReader(str(untied / "lm-q4_0.gguf")).tensors if t.name == "token_embd.weight")
     tensor_bytes = sum(int(t.n_bytes) for t in GGUFReader(str(untied / "lm-q4_0.gguf")).tensors)
@@ -106,7 +107,7 @@ def test_untied_head_is_its_own_repackable_q4_0_tensor_and_a_step_reads_one_embe
     answers = generate_answers(edge, images, QUESTIONS * len(_images()), max_new_tokens=4)
     assert all(0 < a.new_tokens <= 4 for a in answers)
     assert len({a.text for a in answers[:: len(QUESTIONS)]}) > 1, "every image got the same answer"
-    with pytest.raises(ValueError, match="untied q4_0 head is for 4-bit exports"):
+    with pytest.raises(ValueError, match="untied 4-bit head is for 4-bit exports"):
         export_gguf(str(tiny_vlm), "q8_0", tmp_path / "x", untie_head=True)
 
 

@@ -12,9 +12,10 @@ The folder (an "edge folder"):
 `untie_head` (4-bit exports): Gemma-3 ties its input embedding and LM head, one 262k-row tensor that
 llama.cpp keeps at q8_0 and, because the input side reads it by row (GET_ROWS), cannot hand to its CPU
 repack kernels: the largest matmul of a decode step runs on the plain path. Untied, the head becomes its own
-q4_0 tensor that llama.cpp repacks (q4_0_8x8 here), while the embedding stays q8_0 and a step reads only one
-of its rows. Measured on tinymed-med-270m q4_0 (2026-12-04, README section 11): 2× faster decode, the same
-VQA-RAD closed accuracy, 90 MiB more on disk.
+IQ4_NL tensor (4.5 bits, non-linear levels) that llama.cpp repacks (iq4_nl_8x8 here), while the embedding
+stays q8_0 and a step reads only one of its rows. Measured on tinymed-med-270m q4_0 (2026-12-04, README
+section 11): 1.7× faster decode, closed accuracy within 0.4 points of the tied q4_0 export, 90 MiB more on
+disk; a q4_0 head was as fast but lost 3.1 closed points on SLAKE.
 
 llama.cpp's converter is not installed by `pip install llama-cpp-python`; `./setup.sh` builds
 llama-cpp-python from its sdist and keeps that same sdist's `vendor/llama.cpp/` converter (with its
@@ -48,8 +49,8 @@ VISION_WEIGHTS = "vision.safetensors"
 VISION_PARTS = ("vision_tower", "multi_modal_projector")
 # llama.cpp file types (enum llama_ftype in llama.h); f16 is what the converter writes itself
 GGUF_QUANTS = {"f16": 1, "q8_0": 7, "q4_k_m": 15, "q4_0": 2}
-UNTIED_HEAD_QUANTS = ("q4_0", "q4_k_m")  # exports whose head an untied q4_0 tensor does not widen
-GGML_Q4_0, GGML_Q8_0 = 2, 8  # enum ggml_type (ggml.h)
+UNTIED_HEAD_QUANTS = ("q4_0", "q4_k_m")  # exports whose head a 4.5-bit tensor does not widen
+GGML_Q8_0, GGML_IQ4_NL = 8, 20  # enum ggml_type (ggml.h)
 INSTALL_HINT = "run ./setup.sh, or pip install 'tinymed[edge]' (llama-cpp-python compiles from source, ≈9 min)"
 
 
@@ -93,7 +94,7 @@ def export_gguf(model: str, quant: str, out: str | Path, tokenizer_gguf: str | P
     `tokenizer_gguf`: the GGUF the LM came from, for checkpoints whose tokenizer has no
     `tokenizer.model` (llama.cpp's converter reads SentencePiece vocabularies from that file); zoo
     models built on the wheel's Gemma find theirs. `trim`: export a trimmed vocabulary. `untie_head`:
-    write the LM head as its own q4_0 tensor (4-bit exports; see the module docstring)."""
+    write the LM head as its own IQ4_NL tensor (4-bit exports; see the module docstring)."""
     import torch
 
     from tinymed.models.loading import load_model
@@ -102,7 +103,7 @@ def export_gguf(model: str, quant: str, out: str | Path, tokenizer_gguf: str | P
     if quant not in GGUF_QUANTS:
         raise ValueError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(GGUF_QUANTS)}")
     if untie_head and quant not in UNTIED_HEAD_QUANTS:
-        raise ValueError(f"an untied q4_0 head is for 4-bit exports ({', '.join(UNTIED_HEAD_QUANTS)}), not {quant!r}")
+        raise ValueError(f"an untied 4-bit head is for 4-bit exports ({', '.join(UNTIED_HEAD_QUANTS)}), not {quant!r}")
     tools = LlamaCpp.find()
     if tokenizer_gguf is None and model in ZOO and ZOO[model].parts.llm == GEMMA_270M_WHEEL:
         tokenizer_gguf = gemma_270m_gguf()
@@ -111,7 +112,7 @@ def export_gguf(model: str, quant: str, out: str | Path, tokenizer_gguf: str | P
     def write(tmp: Path) -> None:
         lm_dir = tmp / "lm-hf"
         plan = _write_causal_lm(lm, lm_dir, tokenizer_gguf, trim, untie_head)
-        extra = {"untied_head": "q4_0"} if untie_head else {}
+        extra = {"untied_head": "iq4_nl"} if untie_head else {}
         if plan is not None:
             write_json_atomic(tmp / VOCABULARY_FILE, plan.to_json())
             extra |= {"vocabulary": VOCABULARY_FILE, "n_vocab": len(plan.kept)}
@@ -193,8 +194,8 @@ def _quantize(source: Path, out: Path, quant: str, untie_head: bool = False) -> 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = GGUF_QUANTS[quant]
     params.nthread = os.cpu_count() or 1
-    if untie_head:  # the head at q4_0 (repackable); the embedding at q8_0, as llama.cpp keeps a tied one
-        params.output_tensor_type, params.token_embedding_type = GGML_Q4_0, GGML_Q8_0
+    if untie_head:  # the head at iq4_nl (repackable); the embedding at q8_0, as llama.cpp keeps a tied one
+        params.output_tensor_type, params.token_embedding_type = GGML_IQ4_NL, GGML_Q8_0
     if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
         raise RuntimeError(f"llama.cpp could not quantize {source} to {quant}")
 
