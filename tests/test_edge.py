@@ -92,15 +92,16 @@ def test_untied_head_is_its_own_repackable_iq4_nl_tensor_and_a_step_reads_one_em
 
     tied = export_gguf(str(tiny_vlm), "q4_0", tmp_path / "tied", tokenizer_gguf=gemma_270m_gguf())
     untied = export_gguf(str(tiny_vlm), "q4_0", tmp_path / "untied", tokenizer_gguf=gemma_270m_gguf(), untie_head=True)
-    types = {t.name: t.tensor_type for t in GGUFReader(str(untied / "lm-q4_0.gguf")).tensors}
-    assert types["output.weight"] == GGMLQuantizationType.IQ4_NL
-    assert types["token_embd.weight"] == GGMLQuantizationType.Q8_0
-    assert "output.weight" not in {t.name for t in GGUFReader(str(tied / "lm-q4_0.gguf")).tensors}
-    embedding = next(t for t in GGUFReader(str(untied / "lm-q4_0.gguf")).tensors if t.name == "token_embd.weight")
-    tensor_bytes = sum(int(t.n_bytes) for t in GGUFReader(str(untied / "lm-q4_0.gguf")).tensors)
+    untied_tensors = {t.name: t for t in GGUFReader(str(untied / "lm-q4_0.gguf")).tensors}
+    tied_tensors = {t.name: t for t in GGUFReader(str(tied / "lm-q4_0.gguf")).tensors}
+    assert untied_tensors["output.weight"].tensor_type == GGMLQuantizationType.IQ4_NL
+    embedding = untied_tensors["token_embd.weight"]
+    assert embedding.tensor_type == GGMLQuantizationType.Q8_0
+    assert "output.weight" not in tied_tensors
+    tensor_bytes = sum(int(t.n_bytes) for t in untied_tensors.values())
     one_row = int(embedding.n_bytes) // 262_144
     assert decode_read_bytes(untied / "lm-q4_0.gguf") == tensor_bytes - int(embedding.n_bytes) + one_row
-    assert decode_read_bytes(tied / "lm-q4_0.gguf") == sum(int(t.n_bytes) for t in GGUFReader(str(tied / "lm-q4_0.gguf")).tensors)
+    assert decode_read_bytes(tied / "lm-q4_0.gguf") == sum(int(t.n_bytes) for t in tied_tensors.values())
     edge = load_for_inference(untied)
     assert edge.quant == "llama.cpp-q4_0-untied-head"
     images = [im for im in _images() for _ in QUESTIONS]

@@ -132,11 +132,12 @@ def compose_fastvlm(config: ComposeConfig):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     stride = 32  # EfficientNet's total downsampling: one image token per 32×32 pixels
+    width = config.image_width or config.image_size
     vlm_config = FastVlmConfig(
         vision_config=tower.config,
         text_config=llm.config,
         image_token_index=tokenizer.convert_tokens_to_ids(image_token),
-        image_seq_length=(config.image_size // stride) * ((config.image_width or config.image_size) // stride),
+        image_seq_length=(config.image_size // stride) * (width // stride),
         projector_hidden_act="gelu",
     )
     torch.manual_seed(config.seed)
@@ -150,7 +151,7 @@ def compose_fastvlm(config: ComposeConfig):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     tokenizer.padding_side = "left"
     processor = LlavaProcessor(
-        image_processor=lite0_image_processor(config.image_size, config.image_width),
+        image_processor=lite0_image_processor(config.image_size, width),
         tokenizer=tokenizer,
         patch_size=stride,
         vision_feature_select_strategy="full",
