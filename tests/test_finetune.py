@@ -23,7 +23,7 @@ from tinymed.models import IGNORE_INDEX, TinyConfig, encode_for_training, load_m
 from tinymed.train import DatasetSpec, FinetuneConfig, StageConfig, finetune
 from tinymed.data import load_dataset
 from tinymed.train.data import Collator, EpochSampler, VQATrainDataset
-from tinymed.train.loop import answer_loss, planned_steps
+from tinymed.train.loop import answer_loss, mixed_precision, planned_steps
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TinyConfig(text_layers=2, image_size=32, vision_layers=1)
@@ -199,6 +199,23 @@ def test_gradient_accumulation_step_count(data_dir, tmp_path):
     assert epochs[2] == 1.0 and epochs[-1] == 2.0
 
 
+def test_bf16_autocast_runs_only_where_the_cpu_computes_bf16(data_dir, tmp_path, monkeypatch):
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert mixed_precision("no") == mixed_precision("auto") == "no"  # auto: bf16 only on a CUDA GPU
+    assert mixed_precision("bf16") == ("bf16" if native else "no")
+    stage = StageConfig(name="align", max_steps=2, lr=1e-2, batch_size=4)
+    fp32 = finetune(_config(data_dir, tmp_path / "fp32", [stage]), progress=False)
+    bf16 = finetune(_config(data_dir, tmp_path / "bf16", [stage], mixed_precision="bf16"), progress=False)
+    logged = {json.loads(line)["mixed_precision"] for line in bf16.log_path.read_text().splitlines()}
+    assert logged == {mixed_precision("bf16")}
+    assert (bf16.final_loss != fp32.final_loss) == native  # bf16 matmuls round differently
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    emulated = finetune(_config(data_dir, tmp_path / "emulated", [stage], mixed_precision="bf16"), progress=False)
+    assert emulated.final_loss == fp32.final_loss  # no native bf16: float32, as fast as it gets there
+    assert not _changed(_weights(fp32.model_dir), _weights(emulated.model_dir))
+
+
 def test_weight_decay_shrinks_what_the_stage_trains(data_dir, tmp_path):
     norms = {}
     for decay in (0.0, 50.0):  # lr × 50: AdamW scales the trained weights by 0.5, then 0.75 (cosine lr), then updates
@@ -279,7 +296,7 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(data_dir, tmp_path):
     grouped = {"save_every": 4, "group_by_length": True}  # the resumed order includes the length grouping
     reference = finetune(_config(data_dir, tmp_path / "ref", stages, **grouped), progress=False)
     config_file = tmp_path / "config.json"
-    config_file.write_text(_config(data_dir, tmp_path / "unused", stages, **grouped).model_dump_json())
+    config_file.write_text(_config(data_dir, tmp_path / "unused", stages, **grouped).model_dump_json(exclude={"out_dir"}))
     out, checkpoints = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
     command = [sys.executable, "-m", "tinymed.cli", "finetune", "--config", str(config_file), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -6,6 +6,7 @@ data/vqa-rad --dataset slake --path data/slake --out runs/ft` (the same command 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -71,8 +72,8 @@ def register(app: typer.Typer) -> None:
         err = Console(stderr=True)
         try:
             if config_file:
-                config = FinetuneConfig.model_validate_json(config_file.read_text(encoding="utf-8"))
-                config = config.model_copy(update={"out_dir": out}) if out else config
+                raw = json.loads(config_file.read_text(encoding="utf-8"))
+                config = FinetuneConfig.model_validate({**raw, "out_dir": out} if out else raw)
             else:
                 if out is None:
                     raise typer.BadParameter("--out is required (or --config)", param_hint="--out")

@@ -73,6 +73,10 @@ class FinetuneConfig(BaseModel):
                                                   "(per DataLoader worker; 0 = decode every image every epoch)")
     tower_cache_mb: int = Field(0, ge=0, description="MiB of a frozen vision tower's outputs kept across a stage "
                                                      "(each image through the tower once; 0 = off, every batch)")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on a CUDA GPU that supports it, float32 elsewhere; no: float32; "
+                            "bf16: bf16 autocast on such a GPU or on a CPU with native bf16 arithmetic "
+                            "(AVX512-BF16 or AMX), float32 on other CPUs, where emulated bf16 is slower")
 
 
 @dataclass

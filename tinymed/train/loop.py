@@ -59,10 +59,16 @@ def planned_steps(stage: StageConfig, batches_per_epoch: int) -> int:
     return max(1, math.ceil(stage.epochs * math.ceil(batches_per_epoch / stage.grad_accum)))
 
 
-def _precision() -> str:
+def mixed_precision(requested: str) -> str:
+    """accelerate's `mixed_precision` for a FinetuneConfig.mixed_precision on this machine ("bf16" or "no")."""
     import torch
 
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if requested == "no":
+        return "no"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16" if requested == "bf16" and native else "no"
 
 
 def _initial_model(config: FinetuneConfig, samples, accelerator, reuse: bool):
@@ -106,9 +112,11 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress: bool = True
     resume=True continues from the newest complete checkpoint in `out_dir/checkpoints` (none: start
     fresh) and ends exactly where an uninterrupted run would."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=_precision())
+    AcceleratorState._reset_state()  # one process may fine-tune again with another mixed precision
+    accelerator = Accelerator(mixed_precision=mixed_precision(config.mixed_precision))
     set_seed(config.seed)
     out = config.out_dir
     resume_from = latest_checkpoint(out / "checkpoints") if resume else None
@@ -253,6 +261,7 @@ def _log(run: Run, stage: StageConfig, scheduler, sampler, task) -> None:
         "lr": scheduler.get_last_lr()[0],
         "samples_per_s": round(state.window_samples / max(now - state.window_start, 1e-9), 2),
         "seconds": round(now, 2),
+        "mixed_precision": run.accelerator.mixed_precision,
     }
     if run.accelerator.is_main_process:
         append_jsonl(run.out / "train_log.jsonl", row)
