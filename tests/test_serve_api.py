@@ -83,6 +83,10 @@ def post(server, body, **kwargs) -> httpx.Response:
     return httpx.post(server.url + "/v1/chat/completions", timeout=60, **({"json": body} | kwargs))
 
 
+def queue_state(server) -> dict:
+    return httpx.get(server.url + "/health").json()["queue"]
+
+
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -367,9 +371,9 @@ def test_client_leaving_mid_stream_frees_its_slot(server, audit_path, image):
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
         next(r.iter_lines())
     deadline = time.monotonic() + 10
-    while httpx.get(server.url + "/health").json()["queue"]["running"] and time.monotonic() < deadline:
+    while queue_state(server)["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert httpx.get(server.url + "/health").json()["queue"]["running"] == 0
+    assert queue_state(server)["running"] == 0
     db = sqlite3.connect(audit_path)
     assert db.execute("SELECT status, completion_tokens FROM requests ORDER BY time DESC LIMIT 1").fetchone() == (499, None)
 
@@ -582,7 +586,7 @@ SHORT = {"model": "tiny", "messages": user(QUESTION), "max_tokens": 2}
 
 def wait_idle(server, within_s: float) -> dict:
     deadline = time.monotonic() + within_s
-    while (queue := httpx.get(server.url + "/health").json()["queue"])["running"] + queue["waiting"]:
+    while (queue := queue_state(server))["running"] + queue["waiting"]:
         assert time.monotonic() < deadline, f"server still busy: {queue}"
         time.sleep(0.02)
     return queue
@@ -603,13 +607,13 @@ def test_client_leaving_while_queued_frees_its_place(slow):
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(post, server, LONG)  # holds the worker until its deadline
         deadline = time.monotonic() + 5
-        while httpx.get(server.url + "/health").json()["queue"]["running"] == 0:
+        while queue_state(server)["running"] == 0:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         with pytest.raises(httpx.ReadTimeout):  # queued behind the running request; gives up
             httpx.post(server.url + "/v1/chat/completions", json=SHORT | {"messages": user("I leave")}, timeout=0.3)
         deadline = time.monotonic() + 0.5
-        while (queue := httpx.get(server.url + "/health").json()["queue"])["waiting"]:
+        while (queue := queue_state(server))["waiting"]:
             assert time.monotonic() < deadline, "the place of the client that left is still taken"
             time.sleep(0.01)
         assert queue["running"] == 1  # still the first request: the one that left was never started
@@ -617,10 +621,6 @@ def test_client_leaving_while_queued_frees_its_place(slow):
         assert running.result().status_code == 504
     rows = sqlite3.connect(audit).execute("SELECT status, completion_tokens FROM requests ORDER BY time").fetchall()
     assert rows[-3:] == [(499, None), (504, None), (200, 2)]
-
-
-def queue_state(server) -> dict:
-    return httpx.get(server.url + "/health").json()["queue"]
 
 
 def post_while_the_queue_is_full(server, body) -> httpx.Response | None:
