@@ -24,6 +24,7 @@ from tinymed.data import (
     load_many,
     write_conversation,
 )
+from tinymed.data.carve import training_split_for
 from tinymed.data.vqarad import load_vqarad
 from tinymed.data.rows import LoadOptions
 
@@ -402,6 +403,13 @@ def test_bad_carve_names_say_what_a_carve_is(tmp_path, split):
     _conversation_rows(tmp_path, images=2, per_image=1)
     with pytest.raises(DataError, match="SPLIT:valP or SPLIT:restP"):
         load_dataset("llava-med", tmp_path, split)
+
+
+@pytest.mark.parametrize(("evaluated", "trained"), [
+    ("test", "train"), ("validation", "train"), ("train:val10", "train:rest10"), ("train:rest25", "train:val25"),
+])
+def test_an_evaluated_split_pairs_with_the_training_split_that_shares_no_image(evaluated, trained):
+    assert training_split_for(evaluated) == trained
 
 
 @pytest.mark.real_data

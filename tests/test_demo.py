@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import save_tiny_model
 
-from tinymed.data.synthetic import SynthConfig
-from tinymed.pipeline import DemoConfig, run_demo
+from tinymed.data import load_dataset
+from tinymed.data.registry import DatasetSpec as EvalSpec
+from tinymed.data.synthetic import SynthConfig, generate_synthetic
+from tinymed.io import read_jsonl
+from tinymed.pipeline import BenchmarkConfig, DemoConfig, run_benchmark, run_demo
 from tinymed.quantize import default_demo_quant
 
 
@@ -48,3 +52,24 @@ def test_demo_report_has_every_figure_and_the_pareto_plot(demo):
     text = (report / "report.md").read_text()
     assert text.count("(met)") == 2 and "NOT met" not in text  # both quantized variants within their size targets
     assert "None: every variant has metrics and a profile." in text
+
+
+def test_benchmark_on_a_carved_split_evaluates_its_val_part_and_baselines_on_the_rest(tmp_path):
+    """PathVQA here has only a train split: `--split train:val30` benchmarks the val part, and the question-only
+    baseline learns from train:rest30, whose images the val part never shows."""
+    data = tmp_path / "data"
+    generate_synthetic(data, SynthConfig(n_train=40, n_test=4, image_size=32))
+    val = load_dataset("synthetic", data, "train:val30").samples
+    model = save_tiny_model(tmp_path / "model", [s.question + " " + s.answer for s in val] * 4, text_layers=1)
+    spec = EvalSpec(name="synthetic", path=str(data), split="train:val30")
+    config = BenchmarkConfig(model=str(model), datasets=[spec], out_dir=tmp_path / "bench",
+                             quant_methods=[default_demo_quant("cpu")[0].method],
+                             max_new_tokens=4, profile=False, device="cpu")
+    summary = run_benchmark(config, say=lambda _: None)
+    ids = sorted(s.id for s in val)
+    evaluated = read_jsonl(tmp_path / "bench" / "variants" / "fp32" / "eval" / "synthetic" / "predictions.jsonl")
+    baseline = read_jsonl(tmp_path / "bench" / "baseline" / "synthetic" / "predictions.jsonl")
+    assert sorted(r["id"] for r in evaluated) == sorted(r["id"] for r in baseline) == ids
+    assert {r["split"] for r in evaluated + baseline} == {"train:val30"}
+    assert summary["model"]["n"] == summary["baseline"]["n"] == len(ids) > 0
+    assert summary["datasets"][0]["split"] == "train:val30"

@@ -25,6 +25,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from tinymed.analysis import ReportConfig, build_report
+from tinymed.data.carve import training_split_for
+from tinymed.data.registry import DatasetSpec as EvalSpec
 from tinymed.data.registry import load_dataset
 from tinymed.data.synthetic import SynthConfig, generate_synthetic
 from tinymed.evaluate.baseline import QuestionOnlyBaseline
@@ -56,11 +58,12 @@ class VariantOptions(BaseModel):
 
 
 class BenchmarkConfig(VariantOptions):
-    """Benchmark one trained model: its variants on the test split of each dataset (the train split
-    feeds the question-only baseline)."""
+    """Benchmark one trained model: its variants on each dataset's evaluated split (`split`: "test", or a
+    carved part such as PathVQA's "train:val10"); the question-only baseline learns from the paired training
+    split ("train", or the carve's other part: "train:rest10")."""
 
     model: str = Field(description="trained model: folder, Hub id or zoo name")
-    datasets: list[DatasetSpec] = Field(min_length=1)
+    datasets: list[EvalSpec] = Field(min_length=1)
     out_dir: Path
     image_controls: list[ImageControl] = Field(default_factory=list,
                                                description="controls run on the full-precision variant")
@@ -80,10 +83,10 @@ def _datasets(config: DemoConfig) -> list[DatasetSpec]:
     return [DatasetSpec(name="synthetic", path=str(config.out_dir / "data"))]
 
 
-def _baseline(spec: DatasetSpec, out: Path) -> dict:
-    """Score the question-only baseline on `spec`'s test split; returns its predictions."""
-    train = load_dataset(spec.name, spec.path, split="train", language=spec.language).samples
-    test = load_dataset(spec.name, spec.path, split="test", language=spec.language).samples
+def _baseline(spec: EvalSpec, out: Path) -> dict:
+    """Score the question-only baseline on `spec`'s evaluated split; returns its predictions."""
+    train = load_dataset(spec.name, spec.path, split=training_split_for(spec.split), language=spec.language).samples
+    test = load_dataset(spec.name, spec.path, split=spec.split, language=spec.language).samples
     baseline = QuestionOnlyBaseline(train)
     records = [prediction_record(s, baseline.predict(s), None) for s in test]
     write_jsonl_atomic(out / "predictions.jsonl", records)
@@ -103,10 +106,11 @@ def run_demo(config: DemoConfig, progress: ProgressFactory = _no_progress, say=p
     specs = _datasets(config)
     say("2/6 fine-tune (stage 1 alignment → stage 2 instruction tuning)")
     trained = finetune(FinetuneConfig(
-        datasets=[DatasetSpec(name=s.name, path=s.path, split="train") for s in specs],
+        datasets=[DatasetSpec(name=s.name, path=s.path, split="train", language=s.language) for s in specs],
         tiny=DEMO_MODEL, stages=demo_stages(), out_dir=out / "finetune", tower_cache_mb=DEMO_TOWER_CACHE_MB,
     ))
-    bench = BenchmarkConfig(model=str(trained.model_dir), datasets=specs, out_dir=out,
+    tests = [EvalSpec(name=s.name, path=s.path, split="test", language=s.language) for s in specs]
+    bench = BenchmarkConfig(model=str(trained.model_dir), datasets=tests, out_dir=out,
                             **config.model_dump(include=set(VariantOptions.model_fields)))
     summary = run_benchmark(bench, progress, say, first_step=3, steps=6)
     summary["seconds"] = round(time.perf_counter() - start, 1)
@@ -138,7 +142,7 @@ def run_benchmark(config: BenchmarkConfig, progress: ProgressFactory = _no_progr
                 folder = spec.name if control == "none" else f"{spec.name}@{control}"
                 with progress(f"evaluate {name} on {folder}") as update:
                     result = evaluate(EvalConfig(
-                        model=str(model_dir), dataset=spec.name, path=spec.path, split="test",
+                        model=str(model_dir), dataset=spec.name, path=spec.path, split=spec.split,
                         language=spec.language, out_dir=vdir / "eval" / folder, batch_size=config.eval_batch_size,
                         max_new_tokens=config.max_new_tokens, limit=config.eval_limit, device=config.device,
                         image_control=control,

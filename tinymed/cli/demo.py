@@ -75,6 +75,8 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="Folder for variants/, baseline/, report/, summary.json."),
         dataset: list[str] = typer.Option(..., "--dataset", help="Dataset name (repeatable; pairs with --path)."),
         path: list[str] = typer.Option([], "--path", help="Its folder (repeatable, same order as --dataset)."),
+        split: list[str] = typer.Option([], "--split", help="Split scored, one per --dataset (default test); a carved "
+                                        "part (train:val10) gives the baseline its other part (train:rest10)."),
         quant: list[str] = typer.Option([], "--quant", help="Quantization methods (default: best measured 8/4-bit)."),
         image_control: list[str] = typer.Option([], "--image-control", help="shuffled and/or blank, on fp32."),
         eval_limit: int | None = typer.Option(None, "--eval-limit", min=1, help="Evaluate only N questions per dataset."),
@@ -87,15 +89,19 @@ def register(app: typer.Typer) -> None:
         from pydantic import ValidationError
 
         from tinymed.cli.progress import counting_progress
+        from tinymed.data.registry import DatasetSpec as EvalSpec
         from tinymed.pipeline import BenchmarkConfig, run_benchmark
-        from tinymed.train import DatasetSpec
 
         if len(path) not in (0, len(dataset)):
             raise typer.BadParameter("give one --path per --dataset (or none, for Hub names)")
+        if len(split) not in (0, len(dataset)):
+            raise typer.BadParameter("give one --split per --dataset (or none: every dataset's test split)")
+        splits = split or ["test"] * len(dataset)
         try:
             config = BenchmarkConfig(
                 model=model, out_dir=out, quant_methods=quant or None, image_controls=image_control,
-                datasets=[DatasetSpec(name=d, path=p) for d, p in zip(dataset, path or [None] * len(dataset))],
+                datasets=[EvalSpec(name=d, path=p, split=s)
+                          for d, p, s in zip(dataset, path or [None] * len(dataset), splits)],
                 eval_limit=eval_limit, max_new_tokens=max_new_tokens, device=device, profile=not no_profile,
             )
         except ValidationError as exc:

@@ -31,6 +31,16 @@ def parse_carve(split: str) -> tuple[str, str, int] | None:
     return match["split"], match["part"], int(match["percent"])
 
 
+def training_split_for(evaluated: str) -> str:
+    """The split that pairs with an evaluated one for training: the other part of a carve
+    ("train:val10" → "train:rest10", and back), else "train" (for "test", "validation", ...)."""
+    carved = parse_carve(evaluated)
+    if carved is None:
+        return "train"
+    whole, part, percent = carved
+    return f"{whole}:{'rest' if part == 'val' else 'val'}{percent}"
+
+
 def image_identity(sample: MedVQASample) -> str:
     """What makes two rows show the same image: the file name, or the digest of embedded bytes."""
     if sample.image_bytes is not None:
