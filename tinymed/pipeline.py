@@ -26,8 +26,7 @@ from pydantic import BaseModel, Field
 
 from tinymed.analysis import ReportConfig, build_report
 from tinymed.data.carve import training_split_for
-from tinymed.data.registry import DatasetSpec as EvalSpec
-from tinymed.data.registry import load_dataset
+from tinymed.data.registry import DatasetSpec as EvalSpec, load_dataset
 from tinymed.data.synthetic import SynthConfig, generate_synthetic
 from tinymed.evaluate.baseline import QuestionOnlyBaseline
 from tinymed.evaluate.memory import ProfileConfig, profile_model
