@@ -4,6 +4,7 @@ answers through llama.cpp equal to transformers', and the real model's f16 agree
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,21 @@ def test_llama_cpp_answers_like_transformers_and_reads_the_image(tiny_vlm, edge_
     assert len({a.text for a in answers[::2]}) > 1, "every image got the same answer: the image is not read"
 
 
+def test_default_threads_are_physical_cores_capped_and_the_environment_overrides(monkeypatch):
+    from tinymed.models.llamacpp import MAX_DEFAULT_THREADS, THREADS_ENV, default_threads
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert 1 <= default_threads() <= min(len(os.sched_getaffinity(0)), MAX_DEFAULT_THREADS)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(512)))  # more CPUs than /sys knows
+    assert default_threads() == MAX_DEFAULT_THREADS
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert default_threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(THREADS_ENV, bad)
+        with pytest.raises(ValueError, match=THREADS_ENV):
+            default_threads()
+
+
 def test_edge_folder_manifest_and_quantized_variants(tiny_vlm, edge_f16, tmp_path):
     manifest = json.loads((edge_f16 / "tinymed_edge.json").read_text())
     assert manifest["engine"] == "llama.cpp" and manifest["quant"] == "f16"
@@ -121,6 +137,17 @@ def test_edge_folder_refuses_a_second_quantization_and_missing_tools_say_how_to_
     monkeypatch.setenv("TINYMED_LLAMA_CPP_SRC", str(tmp_path / "nowhere"))
     with pytest.raises(RuntimeError, match="setup.sh"):
         LlamaCpp.find()
+
+
+def test_an_amx_build_of_llama_cpp_is_refused_before_it_can_crash_and_setup_builds_without_amx(edge_f16,
+                                                                                                monkeypatch):
+    import llama_cpp
+
+    assert b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info()  # ./setup.sh's build
+    info = llama_cpp.llama_print_system_info()
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: info + b"AMX_INT8 = 1 | ")
+    with pytest.raises(RuntimeError, match="AMX kernels.*-mno-amx-int8"):
+        load_for_inference(edge_f16)
 
 
 def test_sentencepiece_vocabulary_rebuilt_from_the_gguf_tokenizes_like_gemma(tmp_path):

@@ -51,7 +51,11 @@ VISION_PARTS = ("vision_tower", "multi_modal_projector")
 GGUF_QUANTS = {"f16": 1, "q8_0": 7, "q4_k_m": 15, "q4_0": 2}
 UNTIED_HEAD_QUANTS = ("q4_0", "q4_k_m")  # exports whose head a 4.5-bit tensor does not widen
 GGML_Q8_0, GGML_IQ4_NL = 8, 20  # enum ggml_type (ggml.h)
-INSTALL_HINT = "run ./setup.sh, or pip install 'tinymed[edge]' (llama-cpp-python compiles from source, ≈9 min)"
+# ggml's AMX kernels crash (see setup.sh); on x86-64 llama-cpp-python is compiled without them
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+INSTALL_HINT = ("run ./setup.sh, or pip install 'tinymed[edge]' with CMAKE_ARGS=\"-DCMAKE_C_FLAGS='"
+                f"{NO_AMX_FLAGS}' -DCMAKE_CXX_FLAGS='{NO_AMX_FLAGS}'\" on x86-64 (llama-cpp-python compiles "
+                "from source, ≈9 min)")
 
 
 @dataclass(frozen=True)

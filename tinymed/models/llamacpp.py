@@ -15,6 +15,7 @@ see tokenizer ids either way.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +24,26 @@ from tinymed.models.gguf import EDGE_MANIFEST, VISION_PARTS, VISION_WEIGHTS, INS
 from tinymed.models.vocab import VocabularyPlan
 
 DEFAULT_CONTEXT = 1024  # tokens: the prompt (image included) plus the answer
+MAX_DEFAULT_THREADS = 8
+THREADS_ENV = "TINYMED_LLAMA_THREADS"
+
+
+def default_threads() -> int:
+    """llama.cpp threads when none are given: `TINYMED_LLAMA_THREADS` if set, else the physical cores this
+    process may run on (llama.cpp's own default; hyperthread siblings share one core's units), at most
+    `MAX_DEFAULT_THREADS`: a decode step of a ≤ 1B model is a few hundred tiny operations, each split over
+    every thread with a barrier between them, so a many-core machine gains little from more threads."""
+    if os.environ.get(THREADS_ENV):
+        value = os.environ[THREADS_ENV]
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{THREADS_ENV} must be a positive number of threads, got {value!r}")
+        return int(value)
+    allowed = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in allowed:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        cores.add(siblings.read_text().strip() if siblings.is_file() else str(cpu))
+    return max(1, min(len(cores), MAX_DEFAULT_THREADS))
 
 
 def is_edge_folder(path: str | Path) -> bool:
@@ -65,12 +86,21 @@ class VisionPart:
         return features.reshape(-1, features.shape[-1]).float().contiguous()
 
 
+def refuse_amx_build(llama_cpp) -> None:
+    """Raise before loading anything when llama-cpp-python was compiled with ggml's AMX kernels, which
+    segfault inside llama_decode (a q4_0 tiny Gemma on this project's AMX VM, gdb backtrace in
+    ggml_backend_amx_mul_mat, 2026-12-05; likely also that day's CI crash in an f16 test, as ggml
+    routes F16 matmuls to the same kernels):
+    a clear error, not a dead server or evaluation."""
+    if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+        raise RuntimeError("this llama-cpp-python was compiled with ggml's AMX kernels, which crash llama.cpp "
+                           f"on this model; rebuild it without them: {INSTALL_HINT}")
+
+
 class LlamaCppModel:
     """An edge folder loaded for answering. Not thread-safe: one caller at a time."""
 
     def __init__(self, folder: str | Path, n_threads: int | None = None, n_ctx: int = DEFAULT_CONTEXT):
-        import os
-
         import numpy as np
 
         try:
@@ -78,6 +108,7 @@ class LlamaCppModel:
         except ImportError as exc:
             raise RuntimeError(f"{folder} is a llama.cpp edge folder; answering with it needs llama-cpp-python: "
                                f"{INSTALL_HINT}") from exc
+        refuse_amx_build(llama_cpp)
         self.lib = llama_cpp
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
@@ -90,7 +121,7 @@ class LlamaCppModel:
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
         params = llama_cpp.llama_context_default_params()
-        threads = n_threads or len(os.sched_getaffinity(0))
+        threads = n_threads or default_threads()
         params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n_ctx, n_ctx, n_ctx, 1
         params.n_threads, params.n_threads_batch = threads, threads
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
