@@ -33,8 +33,8 @@ def default_threads() -> int:
     process may run on (llama.cpp's own default; hyperthread siblings share one core's units), at most
     `MAX_DEFAULT_THREADS`: a decode step of a ≤ 1B model is a few hundred tiny operations, each split over
     every thread with a barrier between them, so a many-core machine gains little from more threads."""
-    if os.environ.get(THREADS_ENV):
-        value = os.environ[THREADS_ENV]
+    value = os.environ.get(THREADS_ENV)
+    if value:
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"{THREADS_ENV} must be a positive number of threads, got {value!r}")
         return int(value)
@@ -90,8 +90,7 @@ def refuse_amx_build(llama_cpp) -> None:
     """Raise before loading anything when llama-cpp-python was compiled with ggml's AMX kernels, which
     segfault inside llama_decode (a q4_0 tiny Gemma on this project's AMX VM, gdb backtrace in
     ggml_backend_amx_mul_mat, 2026-12-05; likely also that day's CI crash in an f16 test, as ggml
-    routes F16 matmuls to the same kernels):
-    a clear error, not a dead server or evaluation."""
+    routes F16 matmuls to the same kernels): a clear error, not a dead server or evaluation."""
     if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
         raise RuntimeError("this llama-cpp-python was compiled with ggml's AMX kernels, which crash llama.cpp "
                            f"on this model; rebuild it without them: {INSTALL_HINT}")
