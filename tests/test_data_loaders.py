@@ -25,7 +25,7 @@ from tinymed.data import (
     write_conversation,
 )
 from tinymed.data.carve import training_split_for
-from tinymed.data.vqarad import load_vqarad
+from tinymed.data.vqarad import load_vqarad, natural_frame_question
 from tinymed.data.rows import LoadOptions
 
 TINYMED = Path(sys.executable).with_name("tinymed")
@@ -73,6 +73,57 @@ def test_vqarad_original_release_quirks_are_normalized():
     assert len(train.samples) == 2248 - 451
     assert all(isinstance(s.answer, str) and s.answer == s.answer.strip() for s in train.samples)
     assert "Other" not in {s.question_type for s in train.samples}  # "Other" -> "OTHER"
+
+
+@pytest.mark.real_data
+def test_vqarad_template_questions_rewritten_or_dropped_only_in_train():
+    folder = shared_path("vqa-rad")
+    released = load_dataset("vqa-rad", folder, "train").samples
+    rewritten = load_dataset("vqa-rad", folder, "train", frame_questions="rewrite").samples
+    dropped = load_dataset("vqa-rad", folder, "train", frame_questions="drop").samples
+    frames = [s for s in released if s.extra["phrase_type"] == "frame"]
+    assert (len(released), len(frames), len(dropped)) == (3064, 1267, 3064 - 1267)
+    assert [s.id for s in rewritten] == [s.id for s in released]
+    assert all(s.extra["phrase_type"] != "frame" for s in dropped)
+    by_id = {s.id: s for s in rewritten}
+    assert not any("/" in by_id[s.id].question for s in frames if "vertebral/basilar" not in s.question)
+    assert all(by_id[s.id] == s for s in released if s.extra["phrase_type"] != "frame")
+    test = load_dataset("vqa-rad", folder, "test").samples
+    assert load_dataset("vqa-rad", folder, "test", frame_questions="rewrite").samples == test
+
+
+@pytest.mark.parametrize("template, natural", [
+    ("Is/Are the kidneys normal?", "Are the kidneys normal?"),
+    ("Is/Are the mass heterogeneous?", "Is the mass heterogeneous?"),
+    ("Is/Are there a pneumothorax?", "Is there a pneumothorax?"),
+    ("Is/Are there air in the bowels?", "Is there air in the bowels?"),
+    ("Is/Are the masses located near/in the aorta?", "Are the masses located in the aorta?"),
+    ("Where is/are the most infiltrates  located?", "Where are the most infiltrates located?"),
+    ("Is/Are the L sided lesion enhancing? -yes/no", "Is the L sided lesion enhancing?"),
+    ("How wide is/are the heart compared to the thorax? - open", "How wide is the heart compared to the thorax?"),
+    ("Is/Are there there hemorrhage  in the patient's kidneys ?", "Is there hemorrhage in the patient's kidneys?"),
+    ("How many kidneys are present/visualized in the image?", "How many kidneys are present in the image?"),
+    ("Is/Are there dependent layering in the horns??", "Is there dependent layering in the horns?"),
+])  # fmt: skip
+def test_natural_frame_question_worked_examples(template, natural):
+    assert natural_frame_question(template) == natural
+
+
+def test_loader_options_reach_the_loader_and_unknown_ones_are_named(tmp_path):
+    frame = {"qid": 1, "image_name": "i.jpg", "image_organ": "HEAD", "answer": "no", "answer_type": "CLOSED",
+             "question_type": "PRES", "question": "Is/Are there a cyst? -yes/no", "phrase_type": "frame"}
+    _write_json(tmp_path / "trainset.json", [frame, {**frame, "qid": 2, "phrase_type": "freeform"}])
+    _write_json(tmp_path / "testset.json", [])
+    spec = DatasetSpec(name="vqa-rad", path=str(tmp_path), split="train",
+                       loader_options={"frame_questions": "rewrite"})
+    [result] = load_many([spec])
+    assert [s.question for s in result.samples] == ["Is there a cyst?", "Is/Are there a cyst? -yes/no"]
+    with pytest.raises(DataError, match="vqa-rad has no loader option 'frames'; it accepts layout, frame_questions"):
+        load_dataset("vqa-rad", tmp_path, "train", frames="drop")
+    with pytest.raises(DataError, match="frame_questions must be keep, rewrite or drop, not 'fix'"):
+        load_dataset("vqa-rad", tmp_path, "train", frame_questions="fix")
+    with pytest.raises(DataError, match="slake has no loader option 'layout'; it accepts none"):
+        load_dataset("slake", tmp_path, "train", layout="original")
 
 
 @pytest.mark.real_data

@@ -5,11 +5,13 @@ Every loader has the signature `(path, split, options: LoadOptions) -> LoadResul
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tinymed.data.carve import carve, parse_carve
 from tinymed.data.conversation import load_conversation
@@ -69,6 +71,7 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    _check_loader_options(name, loader_options)
     carved = parse_carve(split)
     options = LoadOptions(
         language=language,
@@ -85,6 +88,14 @@ def load_dataset(
     return result
 
 
+def _check_loader_options(name: str, loader_options: dict) -> None:
+    accepted = [p.name for p in inspect.signature(DATASETS[name]).parameters.values() if p.kind == p.KEYWORD_ONLY]
+    unknown = sorted(set(loader_options) - set(accepted))
+    if unknown:
+        raise DataError(f"{name} has no loader option {', '.join(map(repr, unknown))}; "
+                        f"it accepts {', '.join(accepted) or 'none'}")
+
+
 class DatasetSpec(BaseModel):
     """One dataset split to load (e.g. an entry of an evaluation config)."""
 
@@ -92,11 +103,15 @@ class DatasetSpec(BaseModel):
     path: str | None = None
     split: str = "test"
     language: str = "en"
+    loader_options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword options of this dataset's loader, e.g. "
+                                          '{"frame_questions": "rewrite"} for vqa-rad')
 
 
 def load_many(specs: Iterable[DatasetSpec], **options) -> list[LoadResult]:
     """Load several dataset splits, in order; `options` are load_dataset's keyword options."""
-    return [load_dataset(s.name, s.path, s.split, language=s.language, **options) for s in specs]
+    return [load_dataset(s.name, s.path, s.split, language=s.language, **options, **s.loader_options)
+            for s in specs]
 
 
 class DatasetStats(BaseModel):

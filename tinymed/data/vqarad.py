@@ -12,6 +12,7 @@ counts 251 of the 272 officially closed test questions).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -34,12 +35,25 @@ SPLIT_FILES = {"train": "trainset.json", "test": "testset.json"}
 LAYOUT_HELP = f"DIR holds trainset.json + testset.json (or {ORIGINAL_FILE!r}) and images/"
 
 Layout = Literal["auto", "split-files", "original"]
+FrameQuestions = Literal["keep", "rewrite", "drop"]
+
+# Slash choices of the "frame" templates and the word a natural question uses.
+FRAME_CHOICES = {"near/in": "in", "present/visualized": "present"}
+# Words that end a copula's subject ("Is/Are there air | in the bowels?").
+SUBJECT_ENDS = {"in", "on", "of", "at", "near", "within", "with", "to", "from", "along", "around", "between",
+                "located", "normal", "present", "seen", "visible", "visualized"}
+NOT_PLURAL_ENDINGS = ("ss", "us", "is", "xis")
 
 
 def load_vqarad(
-    path: str | Path | None, split: str, options: LoadOptions, *, layout: Layout = "auto"
+    path: str | Path | None, split: str, options: LoadOptions, *, layout: Layout = "auto",
+    frame_questions: FrameQuestions = "keep",
 ) -> LoadResult:
-    """Load one VQA-RAD split ("train" or "test") from a local folder or the Hub."""
+    """Load one VQA-RAD split ("train" or "test") from a local folder or the Hub.
+
+    `frame_questions`: what to do with rows whose phrase_type is "frame" (1267 of the 3064 train rows, none
+    in test): VQA-RAD's template questions ("Is/Are there ascites?", "... -yes/no"). keep = as released;
+    rewrite = in natural wording (`natural_frame_question`), as the test questions are written; drop."""
     if hub.is_hub_reference(path, HUB_ID):
         return table_result(hub.hub_table("vqa-rad", HUB_ID, split, LAYOUT_HELP), HUB_ID, "vqa-rad", split, options)
     split = split.strip().lower()
@@ -53,7 +67,51 @@ def load_vqarad(
         return _to_sample(record, split, images)
 
     samples, skipped = collect(file, rows, convert, options)
-    return LoadResult(samples, skipped, source=str(file))
+    return LoadResult(_frame_questions(samples, frame_questions), skipped, source=str(file))
+
+
+def _frame_questions(samples: list[MedVQASample], action: FrameQuestions) -> list[MedVQASample]:
+    if action == "keep":
+        return samples
+    if action not in ("rewrite", "drop"):
+        raise DataError(f"frame_questions must be keep, rewrite or drop, not {action!r}")
+    kept = []
+    for sample in samples:
+        if sample.extra.get("phrase_type") != "frame":
+            kept.append(sample)
+        elif action == "rewrite":
+            kept.append(sample.model_copy(update={"question": natural_frame_question(sample.question)}))
+    return kept
+
+
+def natural_frame_question(question: str) -> str:
+    """A VQA-RAD template question in natural wording: "Is/Are" becomes "Is" or "Are" by its subject's
+    number (a plural subject is a word ending in "s", not "ss"/"us"/"is"/"xis", before a preposition),
+    "near/in" becomes "in", "present/visualized" "present"; a trailing "-yes/no" or "-open", a doubled
+    "there" or "?" and extra spaces go. E.g. "Is/Are the kidneys normal?" → "Are the kidneys normal?"."""
+    text = re.sub(r"\s*-\s*(yes/no|open)\s*$", "", question.strip())
+    for choices, word in FRAME_CHOICES.items():
+        text = re.sub(rf"\b{choices}\b", word, text, flags=re.IGNORECASE)
+    text = re.sub(r"\b(is)/are\b", _copula, text, flags=re.IGNORECASE)
+    text = re.sub(r"\bthere\s+there\b", "there", text, flags=re.IGNORECASE)
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\s+([?.,])", r"\1", text)
+    return re.sub(r"\?+", "?", text).strip()
+
+
+def _copula(match: re.Match) -> str:
+    """"is" or "are" (in the case of the matched "Is/Are") for the subject that follows the match."""
+    words = re.findall(r"[A-Za-z'-]+", match.string[match.end():].lower())
+    subject = []
+    for word in words:
+        if word in SUBJECT_ENDS:
+            break
+        if word not in ("there", "the", "any"):
+            subject.append(word)
+    plural = bool(subject) and subject[0] not in ("a", "an") and any(
+        w.endswith("s") and not w.endswith(NOT_PLURAL_ENDINGS) for w in subject)
+    verb = "are" if plural else "is"
+    return verb.capitalize() if match.group(1)[0].isupper() else verb
 
 
 def _split_rows(folder: Path, split: str, layout: Layout) -> tuple[Path, list[tuple[int, object]]]:

@@ -24,7 +24,7 @@ def load_training_samples(config: FinetuneConfig) -> tuple[list[MedVQASample], i
     for spec in config.datasets:
         result = load_dataset(
             spec.name, spec.path, spec.split, language=spec.language,
-            skip_invalid=config.skip_invalid, limit=config.limit,
+            skip_invalid=config.skip_invalid, limit=config.limit, **spec.loader_options,
         )
         for row in result.skipped:
             log.warning("skipped %s row %s: %s", row.file, row.row, row.reason)
