@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from tinymed.data import hub
 from tinymed.data.pathvqa import table_result
@@ -54,6 +54,8 @@ def load_vqarad(
     `frame_questions`: what to do with rows whose phrase_type is "frame" (1267 of the 3064 train rows, none
     in test): VQA-RAD's template questions ("Is/Are there ascites?", "... -yes/no"). keep = as released;
     rewrite = in natural wording (`natural_frame_question`), as the test questions are written; drop."""
+    if frame_questions not in get_args(FrameQuestions):
+        raise DataError(f"frame_questions must be keep, rewrite or drop, not {frame_questions!r}")
     if hub.is_hub_reference(path, HUB_ID):
         return table_result(hub.hub_table("vqa-rad", HUB_ID, split, LAYOUT_HELP), HUB_ID, "vqa-rad", split, options)
     split = split.strip().lower()
@@ -62,26 +64,17 @@ def load_vqarad(
     folder = Path(path).resolve()
     images = (options.image_folder or folder / "images").resolve()
     file, rows = _split_rows(folder, split, layout)
+    if frame_questions == "drop":
+        rows = [(i, r) for i, r in rows if _phrase_type(r) != "frame"]
 
     def convert(record) -> MedVQASample:
-        return _to_sample(record, split, images)
+        sample = _to_sample(record, split, images)
+        if frame_questions == "rewrite" and _phrase_type(record) == "frame":
+            return sample.model_copy(update={"question": natural_frame_question(sample.question)})
+        return sample
 
     samples, skipped = collect(file, rows, convert, options)
-    return LoadResult(_frame_questions(samples, frame_questions), skipped, source=str(file))
-
-
-def _frame_questions(samples: list[MedVQASample], action: FrameQuestions) -> list[MedVQASample]:
-    if action == "keep":
-        return samples
-    if action not in ("rewrite", "drop"):
-        raise DataError(f"frame_questions must be keep, rewrite or drop, not {action!r}")
-    kept = []
-    for sample in samples:
-        if sample.extra.get("phrase_type") != "frame":
-            kept.append(sample)
-        elif action == "rewrite":
-            kept.append(sample.model_copy(update={"question": natural_frame_question(sample.question)}))
-    return kept
+    return LoadResult(samples, skipped, source=str(file))
 
 
 def natural_frame_question(question: str) -> str:
@@ -129,8 +122,12 @@ def _split_rows(folder: Path, split: str, layout: Layout) -> tuple[Path, list[tu
 
 def _is_test_row(record) -> bool:
     """Official test rows of the original release: phrase_type test_freeform / test_para."""
-    phrase_type = record.get("phrase_type", "") if isinstance(record, dict) else ""
-    return str(phrase_type).strip().startswith("test_")
+    return _phrase_type(record).startswith("test_")
+
+
+def _phrase_type(record) -> str:
+    """A raw record's phrase_type ("" when it has none or is not an object)."""
+    return str(record.get("phrase_type", "") if isinstance(record, dict) else "").strip()
 
 
 def _to_sample(record, split: str, images: Path) -> MedVQASample:
