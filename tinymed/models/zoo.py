@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 from tinymed.io import write_folder_atomic
 from tinymed.models.compose import ComposeConfig
 
@@ -75,7 +77,12 @@ def assemble(name: str, target: Path | None = None) -> Path:
     target = target or assembled_folder(name)
     if (target / "config.json").is_file():
         return target
-    write_folder_atomic(target, lambda tmp: _write_assembled(ZOO[name], tmp))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One process assembles, the others wait and reuse its folder (e.g. `serve` and `evaluate` started
+    # together on a fresh machine): without the lock, each one's temp folder replaces the other's mid-write.
+    with FileLock(target.with_name(f".{target.name}.lock")):
+        if not (target / "config.json").is_file():
+            write_folder_atomic(target, lambda tmp: _write_assembled(ZOO[name], tmp))
     return target
 
 
