@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from filelock import FileLock
+
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write `text` to `path` via a temp file in the same folder + fsync + rename."""
@@ -93,4 +95,18 @@ def write_folder_atomic(target: Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(target)
     os.replace(tmp, target)
     fsync_dir(target.parent)
+    return target
+
+
+def cached_folder(target: Path, write: Callable[[Path], None], marker: str = "config.json") -> Path:
+    """`target` as it is when it holds `marker`, else built once by `write(tmp)` (`write_folder_atomic`) under a
+    file lock beside it: processes that ask at the same time (`serve` and `evaluate` started together on a fresh
+    machine) wait for the first one's folder instead of replacing each other's temp folder mid-write."""
+    target = Path(target)
+    if (target / marker).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.with_name(f".{target.name}.lock")):
+        if not (target / marker).is_file():
+            write_folder_atomic(target, write)
     return target

@@ -14,7 +14,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from tinymed.io import write_folder_atomic
+from tinymed.io import cached_folder
 
 GEMMA_270M_WHEEL = "gemma-3-270m-gguf"  # the name tinymed gives the wheel-provided Gemma-3-270M
 
@@ -82,10 +82,7 @@ def lm_folder(source: str) -> str:
             raise FileNotFoundError(f"GGUF file not found: {source}")
     else:
         return source
-    target = cache_dir() / "parts" / f"{gguf.stem}-fp32"
-    if not (target / "config.json").is_file():
-        write_folder_atomic(target, lambda tmp: _convert_gguf(gguf, tmp))
-    return str(target)
+    return str(cached_folder(cache_dir() / "parts" / f"{gguf.stem}-fp32", lambda tmp: _convert_gguf(gguf, tmp)))
 
 
 def load_causal_lm(source: str):

@@ -14,9 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
-
-from tinymed.io import write_folder_atomic
+from tinymed.io import cached_folder
 from tinymed.models.compose import ComposeConfig
 
 ZOO_ROOT = Path(__file__).with_name("zoo")
@@ -74,16 +72,7 @@ def assemble(name: str, target: Path | None = None) -> Path:
     model card as a plain transformers folder; returns it (cached: a second call only checks it)."""
     if name not in ZOO:
         raise KeyError(f"unknown model name {name!r}; tinymed ships: {', '.join(ZOO)}")
-    target = target or assembled_folder(name)
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # One process assembles, the others wait and reuse its folder (e.g. `serve` and `evaluate` started
-    # together on a fresh machine): without the lock, each one's temp folder replaces the other's mid-write.
-    with FileLock(target.with_name(f".{target.name}.lock")):
-        if not (target / "config.json").is_file():
-            write_folder_atomic(target, lambda tmp: _write_assembled(ZOO[name], tmp))
-    return target
+    return cached_folder(target or assembled_folder(name), lambda tmp: _write_assembled(ZOO[name], tmp))
 
 
 def _write_assembled(entry: ZooModel, folder: Path) -> None:
