@@ -77,7 +77,7 @@ def test_cuda_requests_fail_clearly_without_a_gpu(tiny_dir):
     result = CliRunner().invoke(app, ["profile", "--model", str(tiny_dir), "--device", "cuda"])
     assert result.exit_code == 1 and "no CUDA GPU" in result.output
     result = CliRunner().invoke(app, ["profile", "--model", str(tiny_dir), "--device", "cpu", "--quant", "awq"])
-    known = "known: torch-int8, bnb-int8, bnb-nf4, quanto-int8, quanto-int4, torchao-int8"
+    known = "known: torch-int8, bnb-int8, bnb-nf4, quanto-int8, quanto-int4, quanto-int4-mixed, torchao-int8"
     assert result.exit_code == 1 and known in " ".join(result.output.split())
 
 

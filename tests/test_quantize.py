@@ -28,7 +28,7 @@ from tinymed.quantize import (
 
 TEXTS = ["is there a lesion in the left lung? yes no", "what modality is this? ct mri x-ray axial"] * 40
 QUESTIONS = ["Is there a lesion?", "What modality is this image?", "Which side is the mass on?"]
-METHODS = ["torch-int8", "bnb-int8", "bnb-nf4", "quanto-int8", "quanto-int4", "torchao-int8"]
+METHODS = ["torch-int8", "bnb-int8", "bnb-nf4", "quanto-int8", "quanto-int4", "quanto-int4-mixed", "torchao-int8"]
 CORE_METHODS = METHODS[:3]  # need no optional library
 MAX_RATIO = {8: 0.30, 4: 0.20}  # quantized layers' bytes vs the same layers in fp32 (acceptance criterion)
 
@@ -72,7 +72,7 @@ def test_registry_lists_backends_and_devices(monkeypatch):
 
 
 def test_unsupported_method_or_device_lists_what_is_available():
-    with pytest.raises(ValueError, match="needs cpu.*available on cuda: bnb-int8, bnb-nf4, quanto-int8, quanto-int4, tor"):
+    with pytest.raises(ValueError, match="needs cpu.*available on cuda: bnb-int8, bnb-nf4, quanto-int8, quanto-int4, quanto-int4-mixed, tor"):
         get_backend("torch-int8", "cuda")
     with pytest.raises(ValueError, match="unknown quantization method 'gptq'; known: torch-int8, bnb-int8, bnb-nf4, qu"):
         get_backend("gptq", "cpu")
@@ -167,6 +167,16 @@ def test_quantized_layer_bytes_match_a_hand_count(quantized, method):
         assert module_bytes(layers.get_submodule(name)) == _hand_counted_bytes(method, rows, cols), name
 
 
+def test_mixed_int4_keeps_value_and_down_projections_in_int8(quantized):
+    layers = load_for_inference(quantized["quanto-int4-mixed"].out_dir, device="cpu").model.get_submodule(
+        "model.language_model.layers.0")
+    shapes = {"self_attn.q_proj": (256, 256), "self_attn.v_proj": (256, 256), "mlp.up_proj": (512, 256),
+              "mlp.down_proj": (256, 512)}
+    for name, (rows, cols) in shapes.items():
+        kind = "quanto-int8" if name in ("self_attn.v_proj", "mlp.down_proj") else "quanto-int4"
+        assert module_bytes(layers.get_submodule(name)) == _hand_counted_bytes(kind, rows, cols), name
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_reloaded_model_predicts_like_the_freshly_quantized_one(tiny_dir, quantized, method):
     fresh = load_for_inference(tiny_dir, device="cpu", quant=method)
@@ -195,12 +205,19 @@ def test_quanto_int4_in_bfloat16_reloads_and_answers(tiny_dir, tmp_path):
 @pytest.mark.parametrize(
     ("method", "max_rel_err"),
     [("torch-int8", 0.15), ("bnb-int8", 0.15), ("bnb-nf4", 0.6),
-     ("quanto-int8", 0.15), ("quanto-int4", 0.6), ("torchao-int8", 0.15)],
+     ("quanto-int8", 0.15), ("quanto-int4", 0.6), ("quanto-int4-mixed", 0.6), ("torchao-int8", 0.15)],
 )
 def test_quantized_logits_stay_close_to_fp32(tiny_dir, quantized, method, max_rel_err):
     reference = _logits(load_for_inference(tiny_dir, device="cpu"))
     error = (_logits(load_for_inference(quantized[method].out_dir, device="cpu")) - reference).norm() / reference.norm()
     assert 0 < error < max_rel_err
+
+
+def test_mixed_int4_is_closer_to_fp32_than_int4(tiny_dir, quantized):
+    reference = _logits(load_for_inference(tiny_dir, device="cpu"))
+    error = {m: (_logits(load_for_inference(quantized[m].out_dir, device="cpu")) - reference).norm()
+             for m in ("quanto-int4", "quanto-int4-mixed", "quanto-int8")}
+    assert error["quanto-int8"] < error["quanto-int4-mixed"] < error["quanto-int4"]
 
 
 def test_recipe_records_what_was_done(quantized):

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         method: str = typer.Option(
             ...,
             "--method",
-            help="torch-int8 (CPU); bnb-int8, bnb-nf4 (CUDA, CPU); quanto-int8, quanto-int4, torchao-int8 "
+            help="torch-int8 (CPU); bnb-int8, bnb-nf4 (CUDA, CPU); quanto-int8, quanto-int4, quanto-int4-mixed, torchao-int8 "
             "(CUDA, CPU; pip install 'tinymed[extra-backends]').",
         ),
         out: Path | None = typer.Option(None, "--out", help="Output folder (default: MODEL-METHOD beside the model)."),
