@@ -134,8 +134,7 @@ def load_quanto(path: str | Path, device: str, config: QuantConfig, prequantized
     else:
         int8, int4 = [], names
     for qtype, layers in ((qint8, int8), (qint4, int4)):
-        if layers:
-            quantize(model, weights=qtype, activations=None, include=layers)
+        quantize(model, weights=qtype, activations=None, include=layers)  # an empty list matches no layer
     freeze(model)
     for name in int4:
         layer = model.get_submodule(name)

@@ -182,13 +182,11 @@ def _run_stage(run: Run, index: int, stage: StageConfig, model):
     return model if (last and config.keep_adapter) else merged(model)
 
 
-def answer_loss(model, batch: dict, average: str = "token"):
-    """Cross-entropy over the answer tokens, with LM-head logits computed only where a label is
-    (a 262k-word head over every prompt position would be the largest matmul of the step).
-    average="token": the mean over every answer token of the batch (the model's own loss);
-    "sample": each sample's mean over its answer tokens, then the mean over samples."""
+def answer_logits(model, batch: dict):
+    """LM-head logits computed only at the positions that predict an answer token (a 262k-word head over
+    every prompt position would be the largest matmul of a step): (logits [n_answer_tokens, vocab] in
+    row-major order, the answer tokens they predict [n_answer_tokens], the answer mask [batch, length - 1])."""
     import torch
-    import torch.nn.functional as F
 
     from tinymed.models import IGNORE_INDEX
 
@@ -197,7 +195,18 @@ def answer_loss(model, batch: dict, average: str = "token"):
     keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
     keep[:, :-1] = answer  # the position before each answer token predicts it
     logits = model(**{k: batch[k] for k in MODEL_INPUTS}, logits_to_keep=keep).logits
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[answer], reduction="none")
+    return logits.reshape(-1, logits.shape[-1]), targets[answer], answer
+
+
+def answer_loss(model, batch: dict, average: str = "token"):
+    """Cross-entropy over the answer tokens (`answer_logits`).
+    average="token": the mean over every answer token of the batch (the model's own loss);
+    "sample": each sample's mean over its answer tokens, then the mean over samples."""
+    import torch
+    import torch.nn.functional as F
+
+    logits, targets, answer = answer_logits(model, batch)
+    losses = F.cross_entropy(logits.float(), targets, reduction="none")
     if average == "token":
         return losses.mean()
     per_sample = answer.sum(dim=1)
