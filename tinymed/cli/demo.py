@@ -77,14 +77,20 @@ def register(app: typer.Typer) -> None:
         path: list[str] = typer.Option([], "--path", help="Its folder (repeatable, same order as --dataset)."),
         split: list[str] = typer.Option([], "--split", help="Split scored, one per --dataset (default test); a carved "
                                         "part (train:val10) gives the baseline its other part (train:rest10)."),
-        quant: list[str] = typer.Option([], "--quant", help="Quantization methods (default: best measured 8/4-bit)."),
+        quant: list[str] = typer.Option([], "--quant", help="Quantization method, or method:compute_dtype such as "
+                                        "quanto-int4-mixed:bfloat16 (repeatable; default: best measured 8/4-bit)."),
+        gguf: list[str] = typer.Option([], "--gguf", help="Also a llama.cpp export as variant llamacpp-<quant>: f16, "
+                                       "q8_0, q4_k_m or q4_0 (repeatable; needs tinymed[edge], which ./setup.sh installs)."),
+        tokenizer_gguf: str | None = typer.Option(
+            None, "--tokenizer-gguf", help="With --gguf and a checkpoint whose tokenizer has no tokenizer.model: the "
+            "GGUF its LM came from."),
         image_control: list[str] = typer.Option([], "--image-control", help="shuffled and/or blank, on fp32."),
         eval_limit: int | None = typer.Option(None, "--eval-limit", min=1, help="Evaluate only N questions per dataset."),
         max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1),
         no_profile: bool = typer.Option(False, "--no-profile", help="Skip the memory/speed profile."),
         device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     ) -> None:
-        """A trained model → FP/8-bit/4-bit → evaluate (+ image controls, question-only baseline) →
+        """A trained model → FP/8-bit/4-bit (+ llama.cpp exports) → evaluate (+ image controls, question-only baseline) →
         profile → Pareto report: the paper's tables for your model and data. Resumes evaluations."""
         from pydantic import ValidationError
 
@@ -99,7 +105,8 @@ def register(app: typer.Typer) -> None:
         splits = split or ["test"] * len(dataset)
         try:
             config = BenchmarkConfig(
-                model=model, out_dir=out, quant_methods=quant or None, image_controls=image_control,
+                model=model, out_dir=out, quant_methods=quant or None, gguf_quants=gguf, tokenizer_gguf=tokenizer_gguf,
+                image_controls=image_control,
                 datasets=[EvalSpec(name=d, path=p, split=s)
                           for d, p, s in zip(dataset, path or [None] * len(dataset), splits)],
                 eval_limit=eval_limit, max_new_tokens=max_new_tokens, device=device, profile=not no_profile,

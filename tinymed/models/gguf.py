@@ -193,9 +193,20 @@ def _convert(tools: LlamaCpp, lm_dir: Path, out: Path) -> None:
         raise RuntimeError(f"llama.cpp's converter failed on {lm_dir}:\n{done.stderr[-3000:]}")
 
 
+_LOG_CALLBACK = []  # keeps the ctypes callback alive for as long as llama.cpp may call it
+
+
+def quiet_llama_cpp(llama_cpp) -> None:
+    """Drop llama.cpp's own log lines (they would interleave with progress bars and server logs)."""
+    if not _LOG_CALLBACK:
+        _LOG_CALLBACK.append(llama_cpp.llama_log_callback(lambda level, text, user_data: None))
+        llama_cpp.llama_log_set(_LOG_CALLBACK[0], None)
+
+
 def _quantize(source: Path, out: Path, quant: str, untie_head: bool = False) -> None:
     import llama_cpp
 
+    quiet_llama_cpp(llama_cpp)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = GGUF_QUANTS[quant]
     params.nthread = os.cpu_count() or 1

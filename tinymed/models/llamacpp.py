@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tinymed.models.gguf import EDGE_MANIFEST, VISION_PARTS, VISION_WEIGHTS, INSTALL_HINT
+from tinymed.models.gguf import EDGE_MANIFEST, INSTALL_HINT, VISION_PARTS, VISION_WEIGHTS, quiet_llama_cpp
 from tinymed.models.vocab import VocabularyPlan
 
 DEFAULT_CONTEXT = 1024  # tokens: the prompt (image included) plus the answer
@@ -114,7 +114,7 @@ class LlamaCppModel:
         self.image_token_id = int(self.manifest["image_token_id"])
         self.vision = VisionPart(self.folder)
         llama_cpp.llama_backend_init()
-        _quiet(llama_cpp)
+        quiet_llama_cpp(llama_cpp)
         gguf = self.folder / self.manifest["gguf"]
         self.model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
         if not self.model:
@@ -298,16 +298,6 @@ class LlamaCppModel:
     def __del__(self):
         if not sys.is_finalizing():  # at interpreter exit the bindings may be gone; the OS frees the memory
             self.close()
-
-
-_LOG_CALLBACK = []  # keeps the ctypes callback alive for as long as llama.cpp may call it
-
-
-def _quiet(llama_cpp) -> None:
-    """Drop llama.cpp's own log lines (they would interleave with progress bars and server logs)."""
-    if not _LOG_CALLBACK:
-        _LOG_CALLBACK.append(llama_cpp.llama_log_callback(lambda level, text, user_data: None))
-        llama_cpp.llama_log_set(_LOG_CALLBACK[0], None)
 
 
 def load_edge(folder: str | Path, n_threads: int | None = None):

@@ -69,6 +69,13 @@ class QuantConfig(BaseModel):
             raise ValueError("nothing to quantize: every target is off")
         return {**DEFAULT_TARGETS, **targets}
 
+    @classmethod
+    def from_spec(cls, spec: str) -> QuantConfig:
+        """`method` or `method:compute_dtype` (e.g. `quanto-int4-mixed:bfloat16`), as `tinymed benchmark --quant`
+        takes it; default targets."""
+        method, _, dtype = spec.partition(":")
+        return cls(method=method, compute_dtype=dtype or "auto")
+
     def prefixes(self, selected: bool) -> list[str]:
         """Module-path prefixes of the parts that are (selected=True) or are not quantized."""
         return [TARGET_PREFIXES[part] for part, on in self.targets.items() if on == selected]
