@@ -73,3 +73,31 @@ def test_benchmark_on_a_carved_split_evaluates_its_val_part_and_baselines_on_the
     assert {r["split"] for r in evaluated + baseline} == {"train:val30"}
     assert summary["model"]["n"] == summary["baseline"]["n"] == len(ids) > 0
     assert summary["datasets"][0]["split"] == "train:val30"
+
+
+def test_benchmark_rerun_reuses_quantized_variants_of_the_same_weights_and_remakes_them_for_new_ones(tmp_path):
+    """A second `run_benchmark` finds each quantized folder made from the same weights the same way: it keeps it
+    (so the evaluations resume instead of answering again); new source weights make it anew."""
+    data = tmp_path / "data"
+    generate_synthetic(data, SynthConfig(n_train=8, n_test=4, image_size=32))
+    texts = [s.question + " " + s.answer for s in load_dataset("synthetic", data, "train").samples]
+    model = save_tiny_model(tmp_path / "model", texts, text_layers=1)
+    config = BenchmarkConfig(model=str(model), datasets=[EvalSpec(name="synthetic", path=str(data))],
+                             out_dir=tmp_path / "bench", quant_methods=["torch-int8"], max_new_tokens=3,
+                             profile=False, device="cpu")
+    variant = tmp_path / "bench" / "variants" / "torch-int8"
+
+    def stamps() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in [*(variant / "model").iterdir(),
+                                                       variant / "eval" / "synthetic" / "predictions.jsonl"]}
+
+    run_benchmark(config, say=lambda _: None)
+    first = stamps()
+    assert json.loads((variant / "variant.json").read_text())["made_from"]["quant"]["method"] == "torch-int8"
+    run_benchmark(config, say=lambda _: None)
+    assert stamps() == first
+
+    save_tiny_model(model, texts[::-1], text_layers=1)  # other weights in the same folder
+    run_benchmark(config, say=lambda _: None)
+    remade = stamps()
+    assert all(remade[name] != first[name] for name in first)

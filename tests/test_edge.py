@@ -261,6 +261,7 @@ def test_evaluate_and_profile_accept_an_edge_folder(edge_f16, tmp_path):
                                           warmup=0, runs=1))
     assert (profile.quant, profile.dtype) == ("llama.cpp-f16", "gguf-f16")
     assert profile.static.bytes > (edge_f16 / "lm-f16.gguf").stat().st_size
+    assert profile.static.quantized_layer_ratio == 0.5  # every matrix in f16 (norms stay f32, uncounted)
     assert profile.speed["batch_1"].decode_tokens_per_s > 0 and profile.speed["batch_2"].ttft_ms > 0
     assert profile.dynamic.peak_bytes > 0
 
@@ -331,7 +332,10 @@ def test_benchmark_adds_llama_cpp_exports_as_variants_of_its_report(tiny_vlm, tm
     assert edge["quant"] == "llama.cpp-q4_0" and is_edge_folder(edge["model_dir"])
     metrics = json.loads((variants / "llamacpp-q4_0" / "eval" / "synthetic" / "metrics.json").read_text())
     assert metrics["n"] == 3
-    assert json.loads((variants / "llamacpp-q4_0" / "profile.json").read_text())["quant"] == "llama.cpp-q4_0"
+    profile = json.loads((variants / "llamacpp-q4_0" / "profile.json").read_text())
+    assert profile["quant"] == "llama.cpp-q4_0"
+    # q4_0 matrices (18 bytes per 32 weights) and the tied embedding at q8_0 (34 per 32), against 4 bytes a weight
+    assert 18 / 128 < profile["static"]["quantized_layer_ratio"] < 34 / 128
     recipe = json.loads((variants / "quanto-int8" / "model" / "tinymed_quant.json").read_text())
     assert recipe["config"]["compute_dtype"] == "bfloat16"
     pareto = json.loads((out / "report" / "pareto.json").read_text())

@@ -10,7 +10,8 @@ full-precision one, and a question-only baseline → memory/speed profile of eve
     out_dir/data/                      synthetic dataset (conversation format), when used
     out_dir/finetune/final/            the fine-tuned model (standard HF LLaVA folder)
     out_dir/variants/<name>/           variant.json, model/ (quantized, or an edge folder for llamacpp-<quant>),
-                                       eval/<dataset>[@<control>]/, profile.json
+                                       eval/<dataset>[@<control>]/, profile.json; a rerun reuses model/
+                                       when variant.json's made_from (source weights, recipe) still holds
     out_dir/baseline/<dataset>/        question-only baseline predictions.jsonl + metrics.json
     out_dir/report/                    report.md, report.html, pareto.{png,svg,json}
     out_dir/summary.json
@@ -18,6 +19,7 @@ full-precision one, and a question-only baseline → memory/speed profile of eve
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -33,7 +35,7 @@ from tinymed.evaluate.baseline import QuestionOnlyBaseline
 from tinymed.evaluate.memory import ProfileConfig, profile_model
 from tinymed.evaluate.metrics import score_predictions
 from tinymed.evaluate.image_controls import ImageControl
-from tinymed.evaluate.runner import EvalConfig, evaluate, prediction_record
+from tinymed.evaluate.runner import EvalConfig, evaluate, prediction_record, weights_fingerprint
 from tinymed.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from tinymed.models.gguf import GGUF_QUANTS, export_gguf
 from tinymed.quantize import QuantConfig, default_demo_quant, quantize_model
@@ -119,23 +121,38 @@ def _baseline(spec: EvalSpec, out: Path) -> dict:
     return records
 
 
-def _variant(name: str, quant: str, model_dir: Path, out: Path) -> None:
-    write_json_atomic(out / "variant.json", {"name": name, "quant": quant, "model_dir": str(model_dir)})
+def _made_variant(out: Path, name: str, quant: str, made_from: dict, make: Callable[[Path], Path]) -> Path:
+    """The model folder of variant `out/name`, reused when its variant.json records the same `made_from` (the
+    source weights' fingerprint and how the variant was made), else made anew by `make(folder)`. variant.json
+    is removed before and written after making, so an interrupted make is never taken for a finished one."""
+    vdir, info = out / name, out / name / "variant.json"
+    if info.is_file() and json.loads(info.read_text()).get("made_from") == made_from and (vdir / "model").is_dir():
+        return vdir / "model"
+    info.unlink(missing_ok=True)
+    model_dir = make(vdir / "model")
+    write_json_atomic(info, {"name": name, "quant": quant, "model_dir": str(model_dir), "made_from": made_from})
+    return model_dir
 
 
-def _make_variants(config: BenchmarkConfig) -> dict[str, tuple[str, str | Path]]:
-    """variant name → (quant label, model folder): fp32 (the model as given), each transformers quantization,
-    each llama.cpp export. Quantizations are redone on every run (minutes); evaluations resume."""
+def _make_variants(config: BenchmarkConfig) -> dict[str, Path | str]:
+    """variant name → model folder: fp32 (the model as given), each transformers quantization, each llama.cpp
+    export; each written under out_dir/variants/<name>/ with its variant.json. A rerun reuses the quantized
+    folders made from the same weights the same way (their evaluations then resume)."""
     out = config.out_dir / "variants"
-    variants: dict[str, tuple[str, str | Path]] = {"fp32": ("none", config.model)}
+    write_json_atomic(out / "fp32" / "variant.json", {"name": "fp32", "quant": "none", "model_dir": config.model})
+    variants: dict[str, Path | str] = {"fp32": config.model}
+    source = weights_fingerprint(config.model)
     quant_configs = [QuantConfig.from_spec(m) for m in config.quant_methods or []] or default_demo_quant(config.device)
     for quant in quant_configs:
-        variants[quant.method] = (quant.method, quantize_model(config.model, quant, out / quant.method / "model",
-                                                               config.device).out_dir)
+        made_from = {"weights": source, "quant": quant.model_dump(mode="json"), "device": config.device}
+        variants[quant.method] = _made_variant(
+            out, quant.method, quant.method, made_from,
+            lambda folder, quant=quant: quantize_model(config.model, quant, folder, config.device).out_dir)
     for quant in config.gguf_quants:
-        name = f"llamacpp-{quant}"
-        variants[name] = (f"llama.cpp-{quant}", export_gguf(config.model, quant, out / name / "model",
-                                                            config.tokenizer_gguf))
+        made_from = {"weights": source, "gguf": quant, "tokenizer_gguf": config.tokenizer_gguf}
+        variants[f"llamacpp-{quant}"] = _made_variant(
+            out, f"llamacpp-{quant}", f"llama.cpp-{quant}", made_from,
+            lambda folder, quant=quant: export_gguf(config.model, quant, folder, config.tokenizer_gguf))
     return variants
 
 
@@ -170,9 +187,8 @@ def run_benchmark(config: BenchmarkConfig, progress: ProgressFactory = _no_progr
     variants = _make_variants(config)
     say(f"{next(step)}/{steps} evaluate every variant + the question-only baseline")
     pooled: dict[str, list[dict]] = {"model": [], "baseline": []}
-    for name, (quant, model_dir) in variants.items():
+    for name, model_dir in variants.items():
         vdir = out / "variants" / name
-        _variant(name, quant, model_dir, vdir)
         controls = ["none", *config.image_controls] if name == "fp32" else ["none"]
         for spec in specs:
             for control in controls:
@@ -190,7 +206,7 @@ def run_benchmark(config: BenchmarkConfig, progress: ProgressFactory = _no_progr
         pooled["baseline"] += _baseline(spec, out / "baseline" / spec.name)
     if config.profile:
         say(f"{next(step)}/{steps} profile memory and speed")
-        for name, (quant, model_dir) in variants.items():
+        for name, model_dir in variants.items():
             with progress(f"profile {name}"):
                 profile_model(ProfileConfig(model=str(model_dir), device=config.device, out_dir=out / "variants" / name))
     say(f"{steps}/{steps} report")
@@ -199,7 +215,7 @@ def run_benchmark(config: BenchmarkConfig, progress: ProgressFactory = _no_progr
         "model": score_predictions(pooled["model"]),
         "baseline": score_predictions(pooled["baseline"]),
         "model_dir": config.model,
-        "variants": {name: str(d) for name, (_, d) in variants.items()},
+        "variants": {name: str(d) for name, d in variants.items()},
         "pareto_front": report.front,
         "report": str(report.out_dir / "report.md"),
         "datasets": [s.model_dump() for s in specs],

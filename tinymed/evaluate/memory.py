@@ -150,10 +150,14 @@ def static_memory(lm, model: str) -> StaticMemory:
 
     counted = getattr(lm.model, "static_bytes", None)  # an engine's model may count its own (llama.cpp)
     figure = StaticMemory(bytes=counted() if counted else module_bytes(lm.model), disk_bytes=disk_bytes(model))
-    if lm.quant in BACKENDS:
+    quantized = getattr(lm.model, "quantized_bytes", None)  # ... and what it quantized
+    if quantized:
+        figure.quantized_layer_bytes, figure.quantized_layer_bytes_fp32 = quantized()
+    elif lm.quant in BACKENDS:
         names = quantized_module_names(lm.model, BACKENDS[lm.quant])
         figure.quantized_layer_bytes = modules_bytes(lm.model, names)
         figure.quantized_layer_bytes_fp32 = fp32_linear_bytes(lm.model, names)
+    if figure.quantized_layer_bytes_fp32:
         figure.quantized_layer_ratio = round(figure.quantized_layer_bytes / figure.quantized_layer_bytes_fp32, 4)
     return figure
 

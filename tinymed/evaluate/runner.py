@@ -167,7 +167,7 @@ def _answer_batch(answer: Answerer, batch: Sequence[MedVQASample], plan: ImagePl
     return [records[s.id] for s in batch]
 
 
-def _weights_fingerprint(model: str | None) -> list:
+def weights_fingerprint(model: str | None) -> list:
     """Which weights `model` names now: the folder it resolves to (a zoo name: its assembled folder, keyed by
     the shipped files) and each file's name, size and modification time; a Hub id as given."""
     if model is None:
@@ -183,7 +183,7 @@ def _run_key(config: EvalConfig, plan: ImagePlan) -> str:
     """What makes two runs' predictions interchangeable (resume only continues the same run): the model and
     its weights on disk, data, decoding and image control (kind, seed and which image each case is shown)."""
     fields = ("model", "quant", "endpoint", "model_name", "dataset", "path", "split", "language", "max_new_tokens")
-    key = [getattr(config, f) for f in fields] + _weights_fingerprint(config.model) + plan.fingerprint()
+    key = [getattr(config, f) for f in fields] + weights_fingerprint(config.model) + plan.fingerprint()
     if config.linear_kernel != "aten":  # runs from before the option keep their keys
         key.append(config.linear_kernel)
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()

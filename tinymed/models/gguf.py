@@ -230,6 +230,15 @@ def decode_read_bytes(gguf_file: str | Path) -> int:
     return total
 
 
+def quantized_tensor_bytes(gguf_file: str | Path) -> tuple[int, int]:
+    """(bytes, float32 bytes) of the GGUF's tensors stored below 32 bits: every weight matrix, the embedding
+    included (llama.cpp quantizes it too); norms stay F32. What `profile` reports as the quantized layers."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    quantized = [t for t in GGUFReader(str(gguf_file)).tensors if t.tensor_type != GGMLQuantizationType.F32]
+    return sum(int(t.n_bytes) for t in quantized), sum(4 * int(t.n_elements) for t in quantized)
+
+
 def _write_vision(lm, folder: Path) -> None:
     """Vision tower + projector weights, the full config and the processor."""
     from safetensors.torch import save_file

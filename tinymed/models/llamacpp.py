@@ -20,7 +20,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tinymed.models.gguf import EDGE_MANIFEST, INSTALL_HINT, VISION_PARTS, VISION_WEIGHTS, quiet_llama_cpp
+from tinymed.models.gguf import (
+    EDGE_MANIFEST,
+    INSTALL_HINT,
+    VISION_PARTS,
+    VISION_WEIGHTS,
+    quantized_tensor_bytes,
+    quiet_llama_cpp,
+)
 from tinymed.models.vocab import VocabularyPlan
 
 DEFAULT_CONTEXT = 1024  # tokens: the prompt (image included) plus the answer
@@ -156,6 +163,10 @@ class LlamaCppModel:
                      for t in (*getattr(self.vision.inner, part).parameters(),
                                *getattr(self.vision.inner, part).buffers()))
         return (self.folder / self.manifest["gguf"]).stat().st_size + vision
+
+    def quantized_bytes(self) -> tuple[int, int]:
+        """(bytes, float32 bytes) of the GGUF tensors llama.cpp quantized (`quantized_tensor_bytes`)."""
+        return quantized_tensor_bytes(self.folder / self.manifest["gguf"])
 
     def answer_ids(self, input_ids: Sequence[int], pixel_values, max_new_tokens: int, stop_ids: set[int],
                    min_new_tokens: int = 0, temperature: float = 0.0,
